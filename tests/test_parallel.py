@@ -1,0 +1,37 @@
+"""Mesh construction and regex sharding rules on 8 fake CPU devices."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from recall_jax import parallel
+
+
+def test_make_mesh_fills_minus_one_and_rejects_bad_shapes():
+  mesh = parallel.make_mesh((2, -1, 1))
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  with pytest.raises(ValueError, match="needs 16 devices"):
+    parallel.make_mesh((4, 4, 1))
+  with pytest.raises(ValueError, match="one entry per axis"):
+    parallel.make_mesh((8,))
+
+
+def test_rules_first_match_wins_and_indivisible_axes_are_replicated():
+  mesh = parallel.make_mesh((2, 4, 1))
+  rules = [(r"embed_tokens", ("fsdp", None)), (r"q_proj.*kernel", (None, "fsdp")), (r".*", ())]
+  shard = parallel.param_shardings(
+      {"language_model/embed_tokens/embedding": (512, 64), "layers/0/self_attn/q_proj/kernel": (64, 6),
+       "layers/0/self_attn/q_proj/bias": (6,)}, mesh, rules)
+  assert shard["language_model/embed_tokens/embedding"].spec == P("fsdp", None)
+  assert shard["layers/0/self_attn/q_proj/kernel"].spec == P(None, None)  # 6 % 4 != 0 -> replicated
+  assert shard["layers/0/self_attn/q_proj/bias"].spec == P(None)
+
+
+def test_host_to_global_shards_batch_over_data_and_fsdp():
+  mesh = parallel.make_mesh((2, 4, 1))
+  x = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
+  g = parallel.host_to_global({"x": x}, mesh)["x"]
+  assert g.sharding.spec == P(("data", "fsdp"), None)
+  assert len(g.addressable_shards) == 8 and g.addressable_shards[0].data.shape == (2, 3)
+  np.testing.assert_array_equal(np.asarray(g), x)
