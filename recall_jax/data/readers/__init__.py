@@ -1,0 +1,5 @@
+"""Readers for the FashionIQ, CIRR and CIRCO file layouts (real or synthetic) -> validated `CIRSplit`s."""
+
+from recall_jax.data.readers.circo import read_circo
+from recall_jax.data.readers.cirr import read_cirr
+from recall_jax.data.readers.fashioniq import read_fashioniq
