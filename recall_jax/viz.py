@@ -54,7 +54,9 @@ def contact_sheet_rows(
       draw.rectangle([x - 3, y - 3, x + thumb + 2, y + thumb + 2], outline=colour, width=3)
       sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
       if label:
-        draw.text((x, y + thumb + 4), textwrap.shorten(label, width=max(8, thumb // 6)), fill="black", font=font)
+        chars = max(8, thumb // 6)
+        shown = label if len(label) <= chars else label[:chars - 1] + "…"
+        draw.text((x, y + thumb + 4), shown, fill="black", font=font)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp.png"
   sheet.save(tmp)
