@@ -1,0 +1,307 @@
+"""Hugging Face checkpoints <-> the NNX Qwen25VLModel: streaming safetensors loader and a writer.
+
+Loading reads config.json, then one tensor at a time from model.safetensors (or the shards listed in
+model.safetensors.index.json), converts it to the NNX layout and places it straight onto its target device /
+sharding, into a model created abstractly (nnx.eval_shape) so nothing is allocated twice.
+
+Key names: hub names (`model.layers.*`, `model.embed_tokens`, `model.norm`, `visual.*`, `lm_head.weight`) and
+transformers-5 in-memory names (`model.language_model.*`, `model.visual.*`) both map onto the module paths
+(`language_model.*`, `visual.*`, `lm_head`), which mirror the HF names. Per module type: nnx.Linear `kernel` =
+torch weight.T (the Conv3d patch embedding is flattened first), nnx.Embed `embedding` = weight, other params
+(RMSNorm `weight`) as they are. Tied-embedding checkpoints have no lm_head.weight (a redundant copy is skipped, as
+transformers does).
+
+Parameter paths for sharding rules are the NNX paths joined by "/", e.g.
+"language_model/layers/0/self_attn/q_proj/kernel".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.typing import DTypeLike
+
+from recall_jax import parallel
+from recall_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+from recall_jax.models.qwen2_5_vl.model import Qwen25VLModel
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+_ST_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+# HF key prefix -> module-path prefix; first match wins (transformers-5 names before the hub's bare "model.").
+_PREFIXES = (
+    ("model.language_model.", "language_model."),
+    ("model.visual.", "visual."),
+    ("model.", "language_model."),
+    ("visual.", "visual."),
+    ("lm_head.", "lm_head."),
+)
+
+Path = tuple[str | int, ...]
+Shardings = Callable[[str], PartitionSpec] | Sequence[tuple[str, Sequence[str | None]]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# safetensors files, read one tensor at a time
+
+
+class SafetensorsFile:
+  """Header of one .safetensors file; `read(key)` returns that tensor alone as a numpy array (bf16 via ml_dtypes)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    try:
+      with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    except (OSError, ValueError) as e:
+      raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    self._data_start = 8 + size
+    header.pop("__metadata__", None)
+    self.entries = header
+
+  def keys(self) -> list[str]:
+    """Keys in file order, so reading them in turn walks the file once."""
+    return sorted(self.entries, key=lambda k: self.entries[k]["data_offsets"][0])
+
+  def read(self, key: str) -> np.ndarray:
+    entry = self.entries[key]
+    dtype = _ST_DTYPES.get(entry["dtype"])
+    if dtype is None:
+      raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
+    start, end = entry["data_offsets"]
+    with open(self.path, "rb") as f:
+      f.seek(self._data_start + start)
+      buf = f.read(end - start)
+    return np.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+  """Writes a .safetensors file (metadata format "pt", so transformers accepts it)."""
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  arrays = {}
+  for key, value in tensors.items():
+    arr = np.ascontiguousarray(value)
+    if arr.dtype not in _ST_NAMES:
+      raise ValueError(f"{path}: cannot write tensor {key!r} of dtype {arr.dtype}")
+    header[key] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
+                   "data_offsets": [offset, offset + arr.nbytes]}
+    offset += arr.nbytes
+    arrays[key] = arr
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+  with open(path, "wb") as f:
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
+    for arr in arrays.values():
+      f.write(arr.tobytes())
+
+
+def checkpoint_files(checkpoint_dir: str) -> dict[str, str]:
+  """{key: safetensors path} from model.safetensors.index.json, or from the single model.safetensors."""
+  index_path = os.path.join(checkpoint_dir, SAFETENSORS_INDEX)
+  single_path = os.path.join(checkpoint_dir, SAFETENSORS_FILE)
+  if os.path.exists(index_path):
+    try:
+      with open(index_path) as f:
+        weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"{index_path}: malformed safetensors index ({e!r})") from e
+    files = {k: os.path.join(checkpoint_dir, v) for k, v in weight_map.items()}
+    for path in sorted(set(files.values())):
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: listed in {index_path} but missing")
+    return files
+  if os.path.exists(single_path):
+    return {k: single_path for k in SafetensorsFile(single_path).keys()}
+  raise FileNotFoundError(f"{checkpoint_dir}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}")
+
+
+def _tensors(files: dict[str, str]) -> Iterator[tuple[str, str, np.ndarray]]:
+  """(key, file, array) for every key, file by file in on-disk order."""
+  by_file: dict[str, set[str]] = {}
+  for key, path in files.items():
+    by_file.setdefault(path, set()).add(key)
+  for path in sorted(by_file):
+    st = SafetensorsFile(path)
+    absent = sorted(by_file[path] - set(st.entries))
+    if absent:
+      raise KeyError(f"{path}: key {absent[0]!r} listed in the index is not in the file")
+    for key in st.keys():
+      if key in by_file[path]:
+        yield key, path, st.read(key)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# name and layout maps
+
+
+def _module_at(model: nnx.Module, path: Path) -> Any:
+  obj = model
+  for part in path:
+    if isinstance(part, int):
+      if not isinstance(obj, nnx.List) or not 0 <= part < len(obj):
+        return None
+      obj = obj[part]
+    else:
+      obj = getattr(obj, part, None)
+    if obj is None:
+      return None
+  return obj
+
+
+def _split_path(dotted: str) -> Path:
+  return tuple(int(p) if p.isdigit() else p for p in dotted.split("."))
+
+
+def _conv_shapes(cfg: Qwen25VLConfig) -> dict[Path, tuple[int, ...]]:
+  """Linear layers stored as convolutions in HF checkpoints: module path -> torch weight shape."""
+  v = cfg.vision
+  return {("visual", "patch_embed", "proj"): (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size,
+                                              v.patch_size)}
+
+
+def hf_key_to_param_path(key: str, model: nnx.Module) -> tuple[Path, bool] | None:
+  """(NNX param path, transpose?) for an HF key, or None when the model has no such parameter."""
+  for hf_prefix, module_prefix in _PREFIXES:
+    if key.startswith(hf_prefix):
+      parts = _split_path(module_prefix + key[len(hf_prefix):])
+      break
+  else:
+    return None
+  module_path, name = parts[:-1], parts[-1]
+  module = _module_at(model, module_path)
+  if isinstance(module, nnx.Linear):
+    attr, transpose = {"weight": ("kernel", True), "bias": ("bias", False)}.get(name, (None, False))
+  elif isinstance(module, nnx.Embed):
+    attr, transpose = ("embedding", False) if name == "weight" else (None, False)
+  else:
+    attr, transpose = name, False
+  if attr is None or module is None or not isinstance(getattr(module, attr, None), nnx.Param):
+    return None
+  return module_path + (attr,), transpose
+
+
+def param_path_to_hf_key(path: Path) -> str:
+  """Hub key name of an NNX param path (the names transformers' save_pretrained writes)."""
+  *module, attr = (str(p) for p in path)
+  name = {"kernel": "weight", "embedding": "weight"}.get(attr, attr)
+  dotted = ".".join([*module, name])
+  if dotted.startswith("language_model."):
+    return "model." + dotted[len("language_model."):]
+  return dotted
+
+
+def _to_nnx_layout(arr: np.ndarray, transpose: bool, key: str, file: str, target_shape: tuple[int, ...],
+                   conv_shape: tuple[int, ...] | None) -> np.ndarray:
+  """Checks the HF shape, then flattens (convolutions) and transposes Linear weights to the (in, out) kernel."""
+  expected_hf = conv_shape or (tuple(reversed(target_shape)) if transpose else target_shape)
+  if tuple(arr.shape) != tuple(expected_hf):
+    raise ValueError(f"{file}: key {key!r} has shape {tuple(arr.shape)}, model expects {tuple(expected_hf)}")
+  if transpose:
+    arr = arr.reshape(arr.shape[0], -1).T
+  return arr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _sharding_for(path: str, shape: tuple[int, ...], mesh: Mesh | None,
+                  shardings: Shardings | None) -> jax.sharding.Sharding:
+  if mesh is None:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if shardings is None:
+    return NamedSharding(mesh, PartitionSpec())
+  if callable(shardings):
+    return NamedSharding(mesh, shardings(path))
+  return parallel.param_shardings({path: shape}, mesh, shardings)[path]
+
+
+def _place(arr: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """Only the slices this process's devices hold are copied, so multi-host loading works the same way."""
+  return jax.make_array_from_callback(arr.shape, sharding, lambda index: arr[index])
+
+
+def from_pretrained(checkpoint_dir: str, dtype: DTypeLike = jnp.float32, mesh: Mesh | None = None,
+                    shardings: Shardings | None = None, **config_overrides: Any) -> Qwen25VLModel:
+  """Loads an HF Qwen2.5-VL checkpoint directory into a Qwen25VLModel with params (and compute) in `dtype`.
+
+  mesh: place every parameter on this mesh; shardings: a callable param-path -> PartitionSpec, or regex rules
+  [(pattern, spec), ...] (first re.search match wins, see recall_jax.parallel), default replicated.
+  config_overrides: Qwen25VLConfig fields to replace, e.g. position_mode="sequential".
+  """
+  if shardings is not None and mesh is None:
+    raise ValueError("from_pretrained: shardings given without a mesh")
+  cfg = Qwen25VLConfig.from_pretrained(checkpoint_dir).replace(**config_overrides)
+  files = checkpoint_files(checkpoint_dir)
+  abstract = nnx.eval_shape(lambda: Qwen25VLModel(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise TypeError(f"Qwen25VLModel holds non-parameter state {list(nnx.to_flat_state(rest))[:3]}; the loader "
+                    "only fills nnx.Param")
+  targets = dict(nnx.to_flat_state(params))
+  conv_shapes = _conv_shapes(cfg)
+  loaded: dict[Path, jax.Array] = {}
+  for key, path, arr in _tensors(files):
+    if cfg.tie_word_embeddings and key == "lm_head.weight":
+      continue  # a tied checkpoint's redundant copy of embed_tokens
+    mapped = hf_key_to_param_path(key, abstract)
+    if mapped is None:
+      raise KeyError(f"{path}: unexpected key {key!r} (no such parameter in Qwen25VLModel for this config)")
+    param_path, transpose = mapped
+    if param_path in loaded:
+      raise KeyError(f"{path}: key {key!r} maps to {'/'.join(map(str, param_path))}, already loaded from another key")
+    target = targets[param_path].get_value()  # a ShapeDtypeStruct
+    arr = _to_nnx_layout(arr, transpose, key, path, target.shape, conv_shapes.get(param_path[:-1]))
+    name = "/".join(map(str, param_path))
+    loaded[param_path] = _place(arr.astype(target.dtype), _sharding_for(name, arr.shape, mesh, shardings))
+  missing = [param_path_to_hf_key(p) for p in targets if p not in loaded]
+  if missing:
+    raise KeyError(f"{checkpoint_dir}: missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                   f"({len(missing)} in all)")
+  for param_path, variable in targets.items():
+    variable.set_value(loaded[param_path])
+  return nnx.merge(graphdef, nnx.from_flat_state(targets))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# saving
+
+
+def save_pretrained(model: Qwen25VLModel, checkpoint_dir: str) -> None:
+  """Writes config.json (nested transformers-5 layout) and model.safetensors with hub key names, in the params'
+  dtype; transformers' Qwen2_5_VLForConditionalGeneration.from_pretrained reads the result."""
+  os.makedirs(checkpoint_dir, exist_ok=True)
+  conv_shapes = _conv_shapes(model.cfg)
+  tensors = {}
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    arr = np.asarray(jax.device_get(variable.get_value()))
+    if path[-1] == "kernel":
+      arr = arr.T
+      conv = conv_shapes.get(tuple(path[:-1]))
+      if conv is not None:
+        arr = arr.reshape(conv)
+    tensors[param_path_to_hf_key(path)] = arr
+  config = model.cfg.to_hf_dict()
+  config["dtype"] = str(next(iter(tensors.values())).dtype)
+  with open(os.path.join(checkpoint_dir, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+  write_safetensors(os.path.join(checkpoint_dir, SAFETENSORS_FILE), dict(sorted(tensors.items())))
