@@ -1,0 +1,75 @@
+"""Embedding a whole split with a model: Grain eval batches (fixed shapes) -> sharded jitted embedding -> host fp32."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from recall_jax import embed, parallel
+from recall_jax.data import pipeline
+from recall_jax.data.records import CIRSplit
+from recall_jax.train.logging import Progress
+
+log = logging.getLogger("recall_jax")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed_step(graphdef, state, inputs):
+  return embed.embed(nnx.merge(graphdef, state), inputs)
+
+
+def _embed_dataset(model, dataset, prefix: str, count: int, mesh: Optional[Mesh], label: str) -> np.ndarray:
+  graphdef, state = nnx.split(model)
+  out: Optional[np.ndarray] = None
+  progress = Progress(len(dataset), unit="batches")
+  pending = []
+  for step, batch in enumerate(pipeline.make_iterator(dataset, num_threads=2, prefetch=2)):
+    inputs = embed.side_inputs(model, batch, prefix)
+    if mesh is not None:
+      inputs = _shard_batch(inputs, mesh)
+    # Dispatch now, read back later: the host keeps preparing batches while the device computes.
+    pending.append((batch["index"], batch["valid"], _embed_step(graphdef, state, inputs)))
+    if (step + 1) % 20 == 0 or step + 1 == len(dataset):
+      for index, valid, emb in pending:
+        emb = np.asarray(jax.device_get(emb), np.float32)
+        if out is None:
+          out = np.zeros((count, emb.shape[-1]), np.float32)
+        out[index[valid]] = emb[valid]
+      pending.clear()
+      log.info("[%s] %s", label, progress.line(step + 1))
+  if out is None:
+    raise ValueError(f"{label}: nothing to embed")
+  if jax.process_count() > 1:
+    # Each process filled the rows of its own slices; the rows of the others are zero.
+    from jax.experimental import multihost_utils
+    out = np.asarray(multihost_utils.process_allgather(out)).sum(axis=0)
+  return out
+
+
+def _shard_batch(inputs: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
+  """Per-example arrays and the pixel rows (image-major, so whole images per shard) go over the batch axes; the
+  vision geometry (global gather indices) stays replicated and XLA inserts the collectives."""
+  out = dict(inputs)
+  for key in ("input_ids", "attention_mask", "pixel_values"):
+    out[key] = jax.device_put(inputs[key], parallel.batch_sharding(mesh, inputs[key].ndim))
+  return out
+
+
+def encode_split(model, split: CIRSplit, *, tokenizer: Any, encode_cfg: pipeline.EncodeConfig, batch_size: int,
+                 load: Optional[pipeline.ImageLoader] = None, mesh: Optional[Mesh] = None) -> tuple[np.ndarray, np.ndarray]:
+  """(query embeddings (Q, H), gallery embeddings (G, H)), fp32 unit-norm, in split order."""
+  load = load or pipeline.FileImages(split.images)
+  name = f"{split.dataset}/{split.split}" + (f"/{split.category}" if split.category else "")
+  queries = pipeline.eval_query_dataset(split, load=load, tokenizer=tokenizer, cfg=encode_cfg,
+                                        global_batch_size=batch_size)
+  gallery = pipeline.eval_gallery_dataset(split, load=load, tokenizer=tokenizer, cfg=encode_cfg,
+                                          global_batch_size=batch_size)
+  q = _embed_dataset(model, queries, "query", len(split.queries), mesh, f"embed {name} queries")
+  g = _embed_dataset(model, gallery, "target", len(split.gallery), mesh, f"embed {name} gallery")
+  return q, g

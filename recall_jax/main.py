@@ -1,0 +1,57 @@
+"""Entry point: `python -m recall_jax.main --config configs/<name>.py --workdir DIR [--stages a,b]`.
+
+Runs the configured stages in order; each writes its artifacts under DIR/<stage>/ and is skipped when its manifest
+exists, so an interrupted run resumes where it stopped. The config used is written to DIR/config.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from recall_jax import parallel
+from recall_jax.stages import artifacts
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every artifact of the run.", required=True)
+_STAGES = flags.DEFINE_list("stages", None, "Stages to run (default: config.stages).")
+
+log = logging.getLogger("recall_jax")
+
+
+def _stage_fns():
+  from recall_jax.stages import evaluate, prepare
+  return {"prepare": prepare.run, "evaluate": evaluate.run}
+
+
+def run(cfg, workdir: str, stages: list[str]) -> dict:
+  fns = _stage_fns()
+  unknown = [s for s in stages if s not in fns]
+  if unknown:
+    raise ValueError(f"unknown stages {unknown} (config.stages / --stages); available: {list(fns)}")
+  os.makedirs(workdir, exist_ok=True)
+  artifacts.atomic_write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort()))
+  out = {}
+  for stage in stages:
+    out[stage] = artifacts.run_stage(workdir, stage, lambda d, s=stage: fns[s](cfg, workdir, d), log=log.info)
+  return out
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  parallel.maybe_initialize_distributed()
+  cfg = _CONFIG.value
+  stages = _STAGES.value or [s.strip() for s in cfg.stages.split(",") if s.strip()]
+  results = run(cfg, _WORKDIR.value, stages)
+  summary = {s: m.get("metrics") for s, m in results.items() if m.get("metrics")}
+  if summary:
+    log.info("summary: %s", json.dumps(summary, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,46 @@
+"""What several stages share: the model and tokenizer from the config, the encode settings, the dataset splits."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from ml_collections import ConfigDict
+
+from recall_jax.data import pipeline, readers
+from recall_jax.data.image import ImageBuckets
+from recall_jax.data.records import CIRSplit
+from recall_jax.models import qwen2_5_vl
+from recall_jax.stages import prepare
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def load_base_model(cfg: ConfigDict, workdir: str):
+  """(model, tokenizer) from the base checkpoint (the configured one, or the tiny one of the prepare stage)."""
+  from transformers import AutoTokenizer
+  if cfg.model.dtype not in DTYPES:
+    raise ValueError(f"config model.dtype must be one of {sorted(DTYPES)}, got {cfg.model.dtype!r}")
+  path = prepare.checkpoint_dir(cfg, workdir)
+  model = qwen2_5_vl.from_pretrained(path, dtype=DTYPES[cfg.model.dtype], position_mode=cfg.model.position_mode)
+  return model, AutoTokenizer.from_pretrained(path)
+
+
+def encode_config(cfg: ConfigDict) -> pipeline.EncodeConfig:
+  d = cfg.data
+  return pipeline.EncodeConfig(
+      image_buckets=ImageBuckets.from_config(d.image_buckets), query_lengths=tuple(d.query_lengths),
+      target_lengths=tuple(d.target_lengths), caption_join=d.caption_join)
+
+
+def read_splits(cfg: ConfigDict, workdir: str, split: str) -> list[CIRSplit]:
+  """The configured dataset's splits (FashionIQ: one per category), from the real layout under data.root or the
+  synthetic world."""
+  root = prepare.world_root(cfg, workdir)
+  d = cfg.data
+  if d.dataset == "fashioniq":
+    return readers.read_fashioniq(f"{root}/fashioniq" if not d.root else root, split, categories=tuple(d.categories),
+                                  image_ext=d.image_ext, on_error=d.on_error)
+  if d.dataset == "cirr":
+    return [readers.read_cirr(f"{root}/cirr" if not d.root else root, split, on_error=d.on_error)]
+  if d.dataset == "circo":
+    return [readers.read_circo(f"{root}/circo" if not d.root else root, split, on_error=d.on_error)]
+  raise ValueError(f"config data.dataset must be fashioniq, cirr or circo, got {d.dataset!r}")

@@ -1,0 +1,42 @@
+"""Stage 0 on the embedded default: generate the synthetic world and, when no base checkpoint is configured, a tiny
+random Qwen2.5-VL checkpoint (config.json + model.safetensors + tokenizer) written in the Hugging Face layout."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from recall_jax.data.synthetic import generate_world
+from recall_jax.models import qwen2_5_vl
+from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
+
+
+def world_root(cfg: ConfigDict, workdir: str) -> str:
+  return cfg.data.root or os.path.join(workdir, "prepare", "world")
+
+
+def checkpoint_dir(cfg: ConfigDict, workdir: str) -> str:
+  return cfg.model.checkpoint or os.path.join(workdir, "prepare", "checkpoint")
+
+
+def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
+  manifest: dict = {}
+  if not cfg.data.root:
+    root = world_root(cfg, workdir)
+    if os.path.exists(root):  # a crash mid-generation leaves a partial world: start it again
+      import shutil
+      shutil.rmtree(root)
+    world = generate_world(root, scale=cfg.world.scale, seed=cfg.world.seed, image_size=cfg.world.image_size)
+    manifest["world"] = {"root": root, "counts": world["counts"]}
+  if not cfg.model.checkpoint:
+    path = checkpoint_dir(cfg, workdir)
+    model_cfg = qwen2_5_vl.tiny_config(**cfg.model.tiny.to_dict())
+    model = qwen2_5_vl.Qwen25VLModel(model_cfg, rngs=nnx.Rngs(cfg.model.init_seed))
+    qwen2_5_vl.save_pretrained(model, path)
+    build_tiny_tokenizer(path)
+    n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    manifest["checkpoint"] = {"path": path, "params": int(n), "random_init_seed": cfg.model.init_seed}
+  return manifest
