@@ -1,0 +1,1 @@
+"""Training: GradCache gradients, optimizer, the contrastive / generative step and the trainer loop."""
