@@ -1,0 +1,328 @@
+"""Stage 3, generative calibration: rewrite each mined failure's text so it is true for its informative instance,
+verify the rewrite with a strict yes/no question, and keep the confident ones as corrective triplets.
+
+For every record of the mine stage, the frozen foundation model (base weights, no adapters) sees Picture 1 = the
+reference, Picture 2 = the informative instance and the original text, in one of two prompt modes
+(cfg.calibrate.prompt_mode, templates in recall_jax/generate/prompts/ or cfg.calibrate.prompt_dir):
+"minimal_json" (rewrite segments, final text rebuilt from the spans) or "staged_cot" (captions, <= 6 intents,
+questions, answers, local edits, new text). `generate.parse` reads the output or names why it is rejected.
+
+VQA quality control: the same model answers the `verify` template over (reference, instance, new text);
+P(yes) = softmax over the logits of the answer words' tokens (cfg.calibrate.answer_words, default "no", "yes") at
+the answer position, i.e. right after the assistant header. Each word's FIRST token as the tokenizer encodes it is
+used: one token for Qwen's vocabulary; with the tiny byte-level test tokenizer that is the first byte ("n" / "y").
+The triplet is kept when P(yes) >= cfg.calibrate.vqa_threshold. With cfg.calibrate.decomposed_verification, each
+per-intent statement is verified too (`verify_intent` template) and P(yes) is the minimum over all questions.
+
+Resuming: finished samples are appended to generations.partial.jsonl after every batch (keyed by record id) and
+skipped on restart; generations.jsonl (every sample, in mined order), corrective.jsonl (the kept ones, as triplets
+with provenance) and calibrated.png are written at the end, and the partial file removed.
+
+Oracle agreement (synthetic world: images with scene graphs): each parsed rewrite is judged by the world's oracle
+(a text it cannot read counts as incorrect), and the VQA decisions are compared with those judgements.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import pathlib
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from recall_jax import viz
+from recall_jax.data import pipeline, prompts
+from recall_jax.data.image import load_image
+from recall_jax.data.synthetic import TextParseError
+from recall_jax.data.synthetic.oracle import Oracle
+from recall_jax.generate import parse, prompt_files
+from recall_jax.generate.sampler import Sampler
+from recall_jax.generate.sampling import SamplingConfig
+from recall_jax.stages import artifacts, common, mine
+from recall_jax.train.logging import Progress
+
+log = logging.getLogger("recall_jax")
+
+PARTIAL = "generations.partial.jsonl"
+GENERATIONS = "generations.jsonl"
+CORRECTIVE = "corrective.jsonl"
+SHEET = "calibrated.png"
+
+
+def answer_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
+  """The first token id of each answer word as encoded (no special tokens); they must be distinct."""
+  ids = []
+  for word in words:
+    encoded = tokenizer.encode(word, add_special_tokens=False)
+    if not encoded:
+      raise ValueError(f"answer word {word!r} (config calibrate.answer_words) encodes to no token")
+    ids.append(int(encoded[0]))
+  if len(words) != 2 or len(set(ids)) != 2:
+    raise ValueError(f"config calibrate.answer_words must be two words (no, yes) with distinct first tokens, got "
+                     f"{list(words)} -> {ids}")
+  return ids
+
+
+def two_picture_prompt(template: str, text: str) -> str:
+  """Chat prompt "Picture 1: <reference> Picture 2: <instance>" + the filled template + the assistant header."""
+  return prompts.multi_image_prompt(prompt_files.fill(template, text), num_images=2)
+
+
+def build_inputs(tokenizer: Any, prompt_texts: Sequence[str], image_pairs: Sequence[tuple[str, str]],
+                 load: Callable, encode_cfg: pipeline.EncodeConfig, lengths: Sequence[int]) -> dict[str, np.ndarray]:
+  """Left-padded two-image prompts as the HF processor would give them: input_ids, attention_mask, pixel_values
+  (all patches of all images, prompt order), image_grid_thw (2 per prompt)."""
+  names = [name for pair in image_pairs for name in pair]
+  distinct = list(dict.fromkeys(names))
+  pixels, grids = pipeline.encode_images([load(name) for name in distinct], encode_cfg)
+  where = {name: k for k, name in enumerate(distinct)}
+  rows = [pixels[where[n], :int(np.prod(grids[where[n]]))] for n in names]  # drop each image's zero padding
+  grid = np.stack([grids[where[n]] for n in names]).astype(np.int64)
+  counts = [[int(np.prod(grids[where[n]])) // encode_cfg.merge_size**2 for n in pair] for pair in image_pairs]
+  tokens = prompts.tokenize_batch(tokenizer, list(prompt_texts), counts, tuple(lengths), padding_side="left")
+  return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
+          "pixel_values": np.concatenate(rows).astype(np.float32), "image_grid_thw": grid}
+
+
+def _fill(items: list, size: int) -> list:
+  """items padded to `size` by repeating the last one: every call has the same batch shape (one compilation)."""
+  return items + [items[-1]] * (size - len(items))
+
+
+class Calibrator:
+  """The model calls of the stage: batched rewriting and batched yes/no verification."""
+
+  def __init__(self, sampler: Sampler, tokenizer: Any, ccfg: ConfigDict, encode_cfg: pipeline.EncodeConfig,
+               load: Callable):
+    if ccfg.prompt_mode not in parse.MODES:
+      raise ValueError(f"config calibrate.prompt_mode must be one of {parse.MODES}, got {ccfg.prompt_mode!r}")
+    if not 0.0 <= ccfg.vqa_threshold <= 1.0:
+      raise ValueError(f"config calibrate.vqa_threshold must be in [0, 1], got {ccfg.vqa_threshold}")
+    if ccfg.batch_size < 1 or ccfg.max_new_tokens < 1:
+      raise ValueError("config calibrate.batch_size and calibrate.max_new_tokens must be >= 1")
+    self.sampler, self.tokenizer, self.ccfg = sampler, tokenizer, ccfg
+    self.encode_cfg, self.load = encode_cfg, load
+    self.rewrite_template = prompt_files.load_template(prompt_files.REWRITE_TEMPLATES[ccfg.prompt_mode],
+                                                       ccfg.prompt_dir)
+    self.verify_template = prompt_files.load_template(prompt_files.VERIFY_TEMPLATE, ccfg.prompt_dir)
+    self.intent_template = (prompt_files.load_template(prompt_files.VERIFY_INTENT_TEMPLATE, ccfg.prompt_dir)
+                            if ccfg.decomposed_verification else None)
+    self.answer_ids = answer_token_ids(tokenizer, ccfg.answer_words)
+    self.sampling = SamplingConfig(temperature=ccfg.temperature, top_k=ccfg.top_k, top_p=ccfg.top_p)
+
+  def inputs(self, template: str, items: Sequence[tuple[str, str, str]]) -> dict[str, np.ndarray]:
+    """items: (reference, instance, text) -> model inputs of the filled template."""
+    return build_inputs(self.tokenizer, [two_picture_prompt(template, t) for _, _, t in items],
+                        [(r, i) for r, i, _ in items], self.load, self.encode_cfg, self.ccfg.prompt_lengths)
+
+  def rewrite(self, items: Sequence[tuple[str, str, str]], rng: Optional[jax.Array]) -> tuple[list[str], list[int]]:
+    """(raw generations, new-token counts) for up to batch_size items."""
+    n = len(items)
+    out = self.sampler.generate(**self.inputs(self.rewrite_template, _fill(list(items), self.ccfg.batch_size)),
+                                max_new_tokens=self.ccfg.max_new_tokens, sampling=self.sampling, rng=rng)
+    return self.sampler.decode_text(out)[:n], np.asarray(out.lengths)[:n].tolist()
+
+  def p_yes(self, template: str, items: Sequence[tuple[str, str, str]]) -> np.ndarray:
+    """P(yes) of the verification prompt per item, in batches of batch_size."""
+    bs, out = self.ccfg.batch_size, []
+    for start in range(0, len(items), bs):
+      chunk = list(items[start:start + bs])
+      scores = self.sampler.score_candidates(**self.inputs(template, _fill(chunk, bs)), candidate_ids=self.answer_ids)
+      out.append(np.exp(np.asarray(scores.log_probs, np.float64)[:len(chunk), 1]))
+    return np.concatenate(out) if out else np.zeros((0,))
+
+  def verify(self, items: Sequence[tuple[str, str, str]],
+             statements: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray, list[list[float]]]:
+    """(final P(yes), holistic P(yes), per-statement P(yes) lists) per item."""
+    holistic = self.p_yes(self.verify_template, items)
+    per_statement: list[list[float]] = [[] for _ in items]
+    if self.intent_template is not None:
+      flat = [(k, (r, i, s)) for k, ((r, i, _), ss) in enumerate(zip(items, statements)) for s in ss]
+      scores = self.p_yes(self.intent_template, [x for _, x in flat])
+      for (k, _), p in zip(flat, scores):
+        per_statement[k].append(float(p))
+    final = np.asarray([min([h, *ps]) for h, ps in zip(holistic, per_statement)], np.float64)
+    return final, holistic, per_statement
+
+
+def _oracle_for(images: dict, records: list[dict]) -> Optional[Oracle]:
+  """The world's oracle when every image the records use has a scene graph beside it, else None."""
+  names = {n for r in records for n in (r["reference"], r["instance"])}
+  if names and all(pathlib.Path(images[n]).with_suffix(".json").exists() for n in names):
+    return Oracle(images)
+  return None
+
+
+def _judge(oracle: Oracle, reference: str, text: str, instance: str) -> tuple[bool, bool]:
+  """(rewrite correct, oracle could not read the text); an unreadable text counts as incorrect."""
+  try:
+    return bool(oracle.judge(reference, text, instance)), False
+  except TextParseError:
+    return False, True
+
+
+def calibrate_batch(calibrator: Calibrator, batch: list[dict], rng: Optional[jax.Array],
+                    oracle: Optional[Oracle]) -> list[dict]:
+  """The finished sample records of one batch of mined records."""
+  ccfg = calibrator.ccfg
+  raws, new_tokens = calibrator.rewrite([(r["reference"], r["instance"], r["text"]) for r in batch], rng)
+  parsed = [parse.parse_rewrite(raw, r["text"], ccfg.prompt_mode) for raw, r in zip(raws, batch)]
+  ok = [k for k, p in enumerate(parsed) if p.text is not None]
+  final, holistic, per_statement = calibrator.verify(
+      [(batch[k]["reference"], batch[k]["instance"], parsed[k].text) for k in ok], [parsed[k].statements for k in ok])
+  verified = {k: j for j, k in enumerate(ok)}
+  out = []
+  for k, (r, raw, p) in enumerate(zip(batch, raws, parsed)):
+    j = verified.get(k)
+    rec = {
+        "id": r["id"], "qid": r["qid"], "dataset": r["dataset"], "split": r["split"], "category": r["category"],
+        "reference": r["reference"], "instance": r["instance"], "group": r["group"],
+        "original_text": r["text"], "original_captions": r["captions"], "original_targets": r["targets"],
+        "instance_rank": r["instance_rank"], "gt_rank": r["gt_rank"],
+        "instance_similarity": r["instance_similarity"], "gt_similarity": r["gt_similarity"],
+        "prompt_mode": ccfg.prompt_mode, "raw_generation": raw, "new_tokens": int(new_tokens[k]),
+        "hit_max_new_tokens": int(new_tokens[k]) >= ccfg.max_new_tokens,
+        "parse_status": p.reason, "model_text": p.model_text, "text": p.text, "statements": list(p.statements),
+        "p_yes": None if j is None else float(final[j]),
+        "p_yes_holistic": None if j is None else float(holistic[j]),
+        "p_yes_statements": None if j is None else per_statement[j],
+        "kept": j is not None and bool(final[j] >= ccfg.vqa_threshold),
+        "oracle_correct": None, "oracle_unparseable": None,
+    }
+    if oracle is not None and p.text is not None:
+      rec["oracle_correct"], rec["oracle_unparseable"] = _judge(oracle, r["reference"], p.text, r["instance"])
+    out.append(rec)
+  return out
+
+
+def read_partial(path: str, prompt_mode: str) -> dict[str, dict]:
+  """Finished samples of an interrupted run, by id. A torn last line (a crash mid-write) is cut off the file so
+  appending continues cleanly; a torn line elsewhere, or samples of another prompt mode, are errors."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    lines = f.readlines()
+  done = {}
+  for n, line in enumerate(lines):
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      if n != len(lines) - 1:
+        raise ValueError(f"{path}: line {n + 1} is not valid JSON; delete the file to start Stage 3 afresh") from None
+      log.warning("[calibrate] %s: dropping a torn last line (interrupted write)", path)
+      artifacts.atomic_write_text(path, "".join(lines[:-1]))
+      break
+    if rec.get("prompt_mode") != prompt_mode:
+      raise ValueError(f"{path}: sample {rec.get('id')} was generated with prompt mode {rec.get('prompt_mode')!r} "
+                       f"but config calibrate.prompt_mode is {prompt_mode!r}; delete the file to start afresh")
+    done[rec["id"]] = rec
+  return done
+
+
+def corrective_triplet(sample: dict) -> dict:
+  """A kept sample as a training triplet (reference, new text, instance as the target), provenance included."""
+  return {**sample, "captions": [sample["text"]], "targets": [sample["instance"]]}
+
+
+def statistics(samples: list[dict], num_mined: int) -> dict:
+  reasons = collections.Counter(s["parse_status"] for s in samples)
+  parsed = reasons.pop(parse.OK, 0)
+  kept = sum(s["kept"] for s in samples)
+  stats = {
+      "mined": num_mined, "generated": len(samples), "parsed": parsed, "rejected": sum(reasons.values()),
+      "rejected_by_reason": dict(sorted(reasons.items())), "verified": parsed, "kept": kept,
+      "dropped_by_vqa": parsed - kept, "keep_rate": kept / len(samples) if samples else 0.0,
+      "hit_max_new_tokens": sum(s["hit_max_new_tokens"] for s in samples),
+  }
+  judged = [s for s in samples if s["oracle_correct"] is not None]
+  if judged:
+    kept_judged = [s for s in judged if s["kept"]]
+    stats["oracle"] = {
+        "judged": len(judged), "rewrite_accuracy": float(np.mean([s["oracle_correct"] for s in judged])),
+        "unparseable_by_oracle": sum(s["oracle_unparseable"] for s in judged),
+        "vqa_agreement": float(np.mean([s["kept"] == s["oracle_correct"] for s in judged])),
+        "precision_of_kept": (float(np.mean([s["oracle_correct"] for s in kept_judged])) if kept_judged else None),
+    }
+  return stats
+
+
+def _sheet(samples: list[dict], images: dict, path: str, n: int) -> None:
+  shown = [s for s in samples if s["text"] is not None][:n] or samples[:n]
+  items = []
+  for s in shown:
+    new = s["text"] if s["text"] is not None else f"(rejected: {s['parse_status']}) {s['raw_generation'][:80]!r}"
+    p = "-" if s["p_yes"] is None else f"{s['p_yes']:.3f}"
+    items.append({"reference": s["reference"], "text": f"original: {s['original_text']}\nnew: {new}\nP(yes) = {p}",
+                  "images": [(s["instance"], f"P(yes) {p}", "ok" if s["kept"] else "bad")]})
+  if items:
+    viz.triplet_sheet(items, lambda name: load_image(images[name]), path,
+                      title="calibrated: reference, instance (green = kept by VQA)")
+
+
+def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
+        sampler: Optional[Sampler] = None) -> dict:
+  """Calibrates the mine stage's records with the frozen base model (or the given model / sampler)."""
+  ccfg = cfg.calibrate
+  if not artifacts.is_done(workdir, "mine"):
+    raise FileNotFoundError(f"stage 'mine' has not finished in {workdir} (run --stages mine first)")
+  mined = artifacts.read_jsonl(os.path.join(artifacts.stage_dir(workdir, "mine"), mine.MINED))
+  records = mined[:ccfg.max_records] if ccfg.max_records else mined
+  ids = collections.Counter(r["id"] for r in records)
+  if len(ids) != len(records):
+    raise ValueError(f"mined records have duplicate ids: {[i for i, c in ids.items() if c > 1][:5]}")
+  images: dict[str, str] = {}
+  for split in common.read_splits(cfg, workdir, cfg.mine.split):
+    images.update(split.images)
+  missing = sorted({n for r in records for n in (r["reference"], r["instance"])} - set(images))
+  if missing:
+    raise ValueError(f"mined images {missing[:5]} are not in the {cfg.mine.split} split of {cfg.data.dataset}")
+  if sampler is None:
+    if model is None:
+      model, tokenizer = common.load_base_model(cfg, workdir)
+    sampler = Sampler(model, tokenizer, cache_buckets=ccfg.prompt_lengths)
+  tokenizer = tokenizer or sampler.tokenizer
+  calibrator = Calibrator(sampler, tokenizer, ccfg, common.encode_config(cfg), pipeline.FileImages(images))
+  oracle = _oracle_for(images, records) if ccfg.oracle else None
+
+  partial = os.path.join(out, PARTIAL)
+  done = read_partial(partial, ccfg.prompt_mode)
+  position = {r["id"]: k for k, r in enumerate(records)}
+  pending = [r for r in records if r["id"] not in done]
+  log.info("[calibrate] %d records (%d mined): %d done before, %d to generate", len(records), len(mined),
+           len(records) - len(pending), len(pending))
+  progress = Progress(len(pending), unit="samples")
+  base_key = jax.random.key(ccfg.seed)
+  with open(partial, "a") as f:
+    for start in range(0, len(pending), ccfg.batch_size):
+      batch = pending[start:start + ccfg.batch_size]
+      # Keyed by the batch's first record, so a batch draws the same way whether or not the run was resumed.
+      rng = None if calibrator.sampling.greedy else jax.random.fold_in(base_key, position[batch[0]["id"]])
+      for rec in calibrate_batch(calibrator, batch, rng, oracle):
+        f.write(json.dumps(rec, sort_keys=True) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+      log.info("[calibrate] %s", progress.line(start + len(batch)))
+
+  done = read_partial(partial, ccfg.prompt_mode)
+  samples = [done[r["id"]] for r in records]
+  artifacts.write_jsonl(os.path.join(out, GENERATIONS), samples)
+  artifacts.write_jsonl(os.path.join(out, CORRECTIVE), [corrective_triplet(s) for s in samples if s["kept"]])
+  sheet = os.path.join(out, SHEET)
+  _sheet(samples, images, sheet, ccfg.sheet_samples)
+  os.remove(partial)
+  stats = statistics(samples, len(mined))
+  log.info("[calibrate] %s", json.dumps({k: v for k, v in stats.items() if k != "oracle"}))
+  return {
+      "prompt_mode": ccfg.prompt_mode, "prompt_dir": ccfg.prompt_dir or prompt_files.PACKAGED_DIR,
+      "max_records": ccfg.max_records, "vqa_threshold": ccfg.vqa_threshold, "answer_words": list(ccfg.answer_words),
+      "answer_token_ids": calibrator.answer_ids, "decomposed_verification": bool(ccfg.decomposed_verification),
+      "oracle": "scene graphs" if oracle is not None else "unavailable" if ccfg.oracle else "off",
+      "statistics": stats,
+      "outputs": {"generations": os.path.join(out, GENERATIONS), "corrective": os.path.join(out, CORRECTIVE),
+                  "sheet": sheet if os.path.exists(sheet) else None},
+  }

@@ -1,0 +1,207 @@
+"""Stage 3 end to end on the tiny world with the tiny random checkpoint: files and statistics, malformed generations
+counted, VQA P(yes) against a full forward, oracle agreement, and resume after a crash."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import demo
+from recall_jax import main
+from recall_jax.data.pipeline import FileImages
+from recall_jax.data.synthetic.oracle import Oracle
+from recall_jax.generate import prompt_files
+from recall_jax.generate.sampler import Sampler
+from recall_jax.stages import artifacts, calibrate, common, mine
+
+RECORDS = 6
+BATCH = 4
+INTENT = {"span": "x", "edit": "keep", "new_span": "is red"}
+# Scripted generations, one per record in order: two parse, four are malformed in different ways.
+SCRIPT = [
+    json.dumps({"captions": {}, "intents": [INTENT], "new_text": "is red"}),
+    "garbage without braces",
+    '```json\n{"new_text": "uncertain"}\n```',
+    'Here: {"new_text": "has a collar and is blue"} done',
+    "[1, 2]",
+    '{"new_text": "is red instead of red"}',
+]
+
+
+def _config():
+  cfg = demo.get_config()
+  cfg.world.scale = "tiny"
+  cfg.world.image_size = 56
+  cfg.data.image_buckets = 56
+  cfg.data.dataset = "cirr"
+  cfg.calibrate.max_records = RECORDS
+  cfg.calibrate.batch_size = BATCH
+  cfg.calibrate.max_new_tokens = 6
+  cfg.calibrate.sheet_samples = 3
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory):
+  """A workdir with the prepare and mine stages done, and the base model."""
+  workdir = str(tmp_path_factory.mktemp("calibrate"))
+  cfg = _config()
+  main.run(cfg, workdir, ["prepare", "mine"])
+  assert len(artifacts.read_jsonl(os.path.join(workdir, "mine", mine.MINED))) >= RECORDS
+  model, tokenizer = common.load_base_model(cfg, workdir)
+  return workdir, model, tokenizer
+
+
+class CountingSampler(Sampler):
+  """The real sampler; counts generate calls, optionally crashes on one, optionally replaces the decoded texts."""
+
+  def __init__(self, *args, crash_on=None, script=None, **kw):
+    super().__init__(*args, **kw)
+    self.calls, self.crash_on, self.script, self.decoded = 0, crash_on, script, 0
+
+  def generate(self, *args, **kw):
+    self.calls += 1
+    if self.calls == self.crash_on:
+      raise RuntimeError("simulated crash")
+    return super().generate(*args, **kw)
+
+  def decode_text(self, output, skip_special_tokens=True):
+    texts = super().decode_text(output, skip_special_tokens)
+    if self.script is not None:
+      texts = [self.script[(self.decoded + k) % len(self.script)] for k in range(len(texts))]
+      self.decoded += len(texts)
+    return texts
+
+
+def _stage(cfg, workdir, sampler):
+  return artifacts.run_stage(workdir, "calibrate", lambda d: calibrate.run(cfg, workdir, d, sampler=sampler))
+
+
+def test_staged_cot_statistics_vqa_and_oracle(mined, tmp_path):
+  workdir, model, tokenizer = mined
+  run_dir = str(tmp_path / "run")
+  os.makedirs(run_dir)
+  for stage in ("prepare", "mine"):
+    os.symlink(os.path.join(workdir, stage), os.path.join(run_dir, stage))
+  cfg = _config()
+  cfg.calibrate.prompt_mode = "staged_cot"
+  cfg.calibrate.decomposed_verification = True
+  cfg.calibrate.vqa_threshold = 0.0  # keep every parsed rewrite, so corrective.jsonl has content
+  sampler = CountingSampler(model, tokenizer, cache_buckets=cfg.calibrate.prompt_lengths, script=SCRIPT)
+  manifest = _stage(cfg, run_dir, sampler)
+  out = os.path.join(run_dir, "calibrate")
+  assert sampler.calls == 2  # 6 records in batches of 4
+  assert not os.path.exists(os.path.join(out, calibrate.PARTIAL))
+  assert os.path.getsize(os.path.join(out, calibrate.SHEET)) > 1000
+
+  stats = manifest["statistics"]
+  assert stats["generated"] == RECORDS == stats["parsed"] + stats["rejected"]
+  assert stats["parsed"] == 2 and stats["kept"] + stats["dropped_by_vqa"] == stats["parsed"]
+  assert stats["rejected_by_reason"] == {"no_json": 1, "uncertain": 1, "not_an_object": 1, "self_contradiction": 1}
+
+  samples = artifacts.read_jsonl(os.path.join(out, calibrate.GENERATIONS))
+  mined_records = artifacts.read_jsonl(os.path.join(workdir, "mine", mine.MINED))[:RECORDS]
+  assert [s["id"] for s in samples] == [r["id"] for r in mined_records]
+  assert [s["raw_generation"] for s in samples] == SCRIPT
+  assert [s["text"] for s in samples] == ["is red", None, None, "has a collar and is blue", None, None]
+  corrective = artifacts.read_jsonl(os.path.join(out, calibrate.CORRECTIVE))
+  assert [c["id"] for c in corrective] == [samples[0]["id"], samples[3]["id"]]
+  for c, r in zip(corrective, [mined_records[0], mined_records[3]]):
+    assert c["captions"] == [c["text"]] and c["targets"] == [r["instance"]]
+    assert (c["reference"], c["group"], c["original_text"]) == (r["reference"], r["group"], r["text"])
+    assert (c["instance_rank"], c["gt_rank"], c["original_targets"]) == (r["instance_rank"], r["gt_rank"],
+                                                                          r["targets"])
+
+  # Decomposed verification: the intent statement is verified too and P(yes) is the minimum.
+  first = samples[0]
+  assert len(first["p_yes_statements"]) == 1 and samples[3]["p_yes_statements"] == []
+  assert first["p_yes"] == min(first["p_yes_holistic"], *first["p_yes_statements"])
+
+  # P(yes) = softmax over the "no" / "yes" logits of a full forward of the verification prompt.
+  no_id, yes_id = manifest["answer_token_ids"]
+  assert [no_id, yes_id] == [tokenizer.encode(w, add_special_tokens=False)[0] for w in ("no", "yes")]
+  images = {}
+  for split in common.read_splits(cfg, workdir, "train"):
+    images.update(split.images)
+  for s in (samples[0], samples[3]):
+    inputs = calibrate.build_inputs(
+        tokenizer, [calibrate.two_picture_prompt(prompt_files.load_template("verify"), s["text"])],
+        [(s["reference"], s["instance"])], FileImages(images), common.encode_config(cfg), cfg.calibrate.prompt_lengths)
+    logits = np.asarray(model(**inputs).logits, np.float64)[0, -1, [no_id, yes_id]]
+    np.testing.assert_allclose(s["p_yes_holistic"], np.exp(logits[1]) / np.exp(logits).sum(), rtol=1e-5)
+
+  # Oracle agreement over the scene graphs, recomputed directly.
+  oracle = Oracle(images)
+  correct = []
+  for s in (samples[0], samples[3]):
+    correct.append(oracle.judge(s["reference"], s["text"], s["instance"]))
+    assert s["oracle_correct"] == correct[-1] and s["oracle_unparseable"] is False
+  assert manifest["oracle"] == "scene graphs"
+  assert stats["oracle"]["judged"] == 2
+  assert stats["oracle"]["rewrite_accuracy"] == pytest.approx(np.mean(correct))
+  assert stats["oracle"]["vqa_agreement"] == pytest.approx(np.mean(correct))  # everything parsed was kept
+
+
+def test_minimal_json_resume_after_crash(mined, tmp_path):
+  workdir, model, tokenizer = mined
+  run_dir = str(tmp_path / "run")
+  os.makedirs(run_dir)
+  for stage in ("prepare", "mine"):
+    os.symlink(os.path.join(workdir, stage), os.path.join(run_dir, stage))
+  cfg = _config()
+  buckets = cfg.calibrate.prompt_lengths
+  crashing = CountingSampler(model, tokenizer, cache_buckets=buckets, crash_on=2)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    _stage(cfg, run_dir, crashing)
+  out = os.path.join(run_dir, "calibrate")
+  partial = os.path.join(out, calibrate.PARTIAL)
+  assert not artifacts.is_done(run_dir, "calibrate")
+  first_batch = artifacts.read_jsonl(partial)
+  assert len(first_batch) == BATCH
+  # A crash in the middle of a write leaves a torn line: it is dropped and that sample generated again.
+  with open(partial) as f:
+    lines = f.readlines()
+  with open(partial, "w") as f:
+    f.writelines(lines[:-1] + [lines[-1][:40]])
+
+  resumed = CountingSampler(model, tokenizer, cache_buckets=buckets)
+  manifest = _stage(cfg, run_dir, resumed)
+  assert resumed.calls == 1  # the 3 unfinished samples fit one batch; the 3 finished ones are not redone
+  samples = artifacts.read_jsonl(os.path.join(out, calibrate.GENERATIONS))
+  mined_ids = [r["id"] for r in artifacts.read_jsonl(os.path.join(workdir, "mine", mine.MINED))[:RECORDS]]
+  assert [s["id"] for s in samples] == mined_ids
+  assert samples[:BATCH - 1] == first_batch[:BATCH - 1]
+  stats = manifest["statistics"]
+  # Random weights write noise: every generation is rejected, counted by reason, none crashes the stage.
+  assert stats["generated"] == RECORDS == stats["parsed"] + stats["rejected"]
+  assert sum(stats["rejected_by_reason"].values()) == stats["rejected"]
+  assert stats["kept"] == len(artifacts.read_jsonl(os.path.join(out, calibrate.CORRECTIVE)))
+  assert all(s["prompt_mode"] == "minimal_json" and s["new_tokens"] <= 6 for s in samples)
+  assert not os.path.exists(partial) and artifacts.is_done(run_dir, "calibrate")
+
+
+def test_prompt_mode_mismatch_on_resume_is_an_error(tmp_path):
+  path = str(tmp_path / calibrate.PARTIAL)
+  with open(path, "w") as f:
+    f.write(json.dumps({"id": "a", "prompt_mode": "staged_cot"}) + "\n")
+  with pytest.raises(ValueError, match="calibrate.prompt_mode"):
+    calibrate.read_partial(path, "minimal_json")
+
+
+def test_answer_token_ids_must_differ(mined):
+  _, _, tokenizer = mined
+  with pytest.raises(ValueError, match="calibrate.answer_words"):
+    calibrate.answer_token_ids(tokenizer, ("yes", "yeah"))
+
+
+def test_prompt_templates_from_another_directory(tmp_path):
+  assert "{text}" in prompt_files.load_template("verify")
+  with pytest.raises(FileNotFoundError, match="verify.txt"):
+    prompt_files.load_template("verify", str(tmp_path))
+  (tmp_path / "verify.txt").write_text('Is "{text}" true of Picture 2? {"json": "braces stay"}\n')
+  template = prompt_files.load_template("verify", str(tmp_path))
+  assert prompt_files.fill(template, "is red") == 'Is "is red" true of Picture 2? {"json": "braces stay"}'
+  (tmp_path / "verify.txt").write_text("no placeholder")
+  with pytest.raises(ValueError, match="exactly once"):
+    prompt_files.load_template("verify", str(tmp_path))
