@@ -24,8 +24,9 @@ log = logging.getLogger("recall_jax")
 
 
 def _stage_fns():
-  from recall_jax.stages import evaluate, prepare
-  return {"prepare": prepare.run, "evaluate": evaluate.run}
+  from recall_jax.stages import adapt, calibrate, evaluate, mine, prepare
+  return {"prepare": prepare.run, "adapt": adapt.run, "evaluate": evaluate.run, "mine": mine.run,
+          "calibrate": calibrate.run}
 
 
 def run(cfg, workdir: str, stages: list[str]) -> dict:
@@ -41,9 +42,20 @@ def run(cfg, workdir: str, stages: list[str]) -> dict:
   return out
 
 
+def setup_logging() -> None:
+  """Our progress lines on stderr; library chatter (Orbax, absl) only from warnings up."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+  log.handlers[:] = [handler]
+  log.setLevel(logging.INFO)
+  log.propagate = False
+
+
 def main(argv):
   del argv
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  setup_logging()
   parallel.maybe_initialize_distributed()
   cfg = _CONFIG.value
   stages = _STAGES.value or [s.strip() for s in cfg.stages.split(",") if s.strip()]

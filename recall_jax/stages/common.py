@@ -24,6 +24,27 @@ def load_base_model(cfg: ConfigDict, workdir: str):
   return model, AutoTokenizer.from_pretrained(path)
 
 
+def latest_adapters(workdir: str) -> str | None:
+  """The adapters of the most advanced finished training stage (refine, then adapt), or None."""
+  from recall_jax.stages import artifacts
+  for stage in ("refine", "adapt"):
+    if artifacts.is_done(workdir, stage):
+      return artifacts.read_manifest(workdir, stage)["adapter_dir"]
+  return None
+
+
+def load_retriever(cfg: ConfigDict, workdir: str):
+  """(model, tokenizer, adapter_dir): the base model with the latest trained adapters merged in (base alone before
+  Stage 1)."""
+  from recall_jax.models import lora
+  model, tokenizer = load_base_model(cfg, workdir)
+  adapter_dir = latest_adapters(workdir)
+  if adapter_dir:
+    lora.import_peft(model, adapter_dir)
+    lora.merge_lora(model)
+  return model, tokenizer, adapter_dir
+
+
 def encode_config(cfg: ConfigDict) -> pipeline.EncodeConfig:
   d = cfg.data
   return pipeline.EncodeConfig(

@@ -28,10 +28,12 @@ def protocol_from_config(cfg: ConfigDict, dataset: str) -> dict:
 
 def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None, checkpoint: Optional[str] = None,
         mesh=None) -> dict:
-  """Evaluates `model` (default: the base model of the config) on cfg.eval.split; returns the summary manifest."""
+  """Evaluates `model` (default: the latest retriever: base + the adapters of the last finished training stage) on
+  cfg.eval.split; returns the summary manifest."""
   if model is None:
-    model, tokenizer = common.load_base_model(cfg, workdir)
-  checkpoint = checkpoint or common.prepare.checkpoint_dir(cfg, workdir)
+    model, tokenizer, adapter_dir = common.load_retriever(cfg, workdir)
+    base = common.prepare.checkpoint_dir(cfg, workdir)
+    checkpoint = f"{base} + {adapter_dir}" if adapter_dir else base
   encode_cfg = common.encode_config(cfg)
   summary = {}
   per_category = {}

@@ -1,0 +1,63 @@
+"""Stage 1, baseline adaptation: LoRA/DoRA on the foundation model, InfoNCE on the training triplets, best
+checkpoint by validation retrieval; the adapters are exported in PEFT format to <workdir>/adapt/adapters."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from recall_jax.data import pipeline
+from recall_jax.data.records import CIRSplit, Query
+from recall_jax.eval import encode, retrieval
+from recall_jax.stages import common, evaluate
+from recall_jax.train import trainer
+
+log = logging.getLogger("recall_jax")
+
+
+def merged_images(splits: Sequence[CIRSplit]) -> dict[str, str]:
+  images: dict[str, str] = {}
+  for s in splits:
+    images.update(s.images)
+  return images
+
+
+def val_eval_fn(cfg: ConfigDict, workdir: str, tokenizer, splits: Sequence[CIRSplit]):
+  """model -> mean over the val splits of each metric (FashionIQ: over categories)."""
+  encode_cfg = common.encode_config(cfg)
+
+  def eval_fn(model) -> dict[str, float]:
+    per_split = []
+    for split in splits:
+      protocol = evaluate.protocol_from_config(cfg, split.dataset)
+      q, g = encode.encode_split(model, split, tokenizer=tokenizer, encode_cfg=encode_cfg,
+                                 batch_size=cfg.eval.batch_size)
+      per_split.append(retrieval.split_metrics(split, retrieval.rank_split(split, q, g, protocol), protocol))
+    return {k: float(np.mean([m[k] for m in per_split])) for k in per_split[0]}
+
+  return eval_fn
+
+
+def train_on(cfg: ConfigDict, workdir: str, out: str, queries: Sequence[Query], images: dict[str, str], *,
+             grouped: bool, model=None, tokenizer=None, stop_after: Optional[int] = None) -> dict:
+  """Shared by Stage 1 and Stage 4: train adapters on `queries`, evaluating on the val split."""
+  if model is None:
+    model, tokenizer = common.load_base_model(cfg, workdir)
+  val = common.read_splits(cfg, workdir, cfg.eval.split)
+  result = trainer.train(
+      cfg, model, tokenizer, queries, dataset=cfg.data.dataset, load=pipeline.FileImages(images),
+      encode_cfg=common.encode_config(cfg), out_dir=out, eval_fn=val_eval_fn(cfg, workdir, tokenizer, val),
+      grouped=grouped, stop_after=stop_after)
+  return {"steps": result.steps, "adapter_dir": result.adapter_dir, "best_step": result.best_step,
+          "best_val_metrics": result.best_metrics, "last_train_metrics": result.last_metrics,
+          "train_queries": len(queries)}
+
+
+def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
+  splits = common.read_splits(cfg, workdir, "train")
+  queries = [q for s in splits for q in s.queries]
+  log.info("[adapt] %d training triplets", len(queries))
+  return train_on(cfg, workdir, out, queries, merged_images(splits), grouped=False)

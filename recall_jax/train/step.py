@@ -1,0 +1,140 @@
+"""The contrastive training step: host-side batch layout, embedding of both sides, InfoNCE (+ triplet), optional
+GradCache chunking, optax update of the adapters only.
+
+Layout: every per-example array leads with the batch axis (position ids as (B, 3, L), pixels as (B, P, D)) so a
+batch can be sharded over the data axes and cut into GradCache chunks; the vision geometry (host numpy, fixed by the
+image bucket and the number of images per model call) is shared by all chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from recall_jax import embed, losses
+from recall_jax.models.qwen2_5_vl.positions import position_ids_for
+from recall_jax.models.qwen2_5_vl.vision_geometry import vision_geometry
+from recall_jax.train import gradcache
+
+SIDES = ("query", "target")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  temperature: float = 0.02
+  infonce_weight: float = 1.0
+  triplet_weight: float = 0.0
+  margin: float = 0.05
+  symmetric: bool = False
+  mask_duplicate_targets: bool = True
+
+
+def contrastive_loss(q: jax.Array, t: jax.Array, batch: dict[str, Any], cfg: LossConfig):
+  """InfoNCE over the global batch (+ lambda * in-group triplet); padded slots masked out."""
+  valid = batch["valid"]
+  loss, metrics = losses.info_nce(q, t, cfg.temperature, valid=valid, symmetric=cfg.symmetric,
+                                  duplicate_ids=batch["target_ids"] if cfg.mask_duplicate_targets else None)
+  total = cfg.infonce_weight * loss
+  if cfg.triplet_weight:
+    tloss, tmetrics = losses.triplet(q, t, batch["group_ids"], cfg.margin, valid=valid)
+    total = total + cfg.triplet_weight * tloss
+    metrics = {**metrics, **tmetrics}
+  return total, {**metrics, "total_loss": total}
+
+
+@functools.lru_cache(maxsize=32)
+def _geometry(vision_cfg, grid: tuple[int, int, int], images: int) -> dict[str, np.ndarray]:
+  return vision_geometry(np.asarray([grid] * images, np.int64), vision_cfg)
+
+
+def host_batch(model_cfg, batch: dict[str, np.ndarray], *, images_per_call: int, step_seed: int
+               ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+  """A pipeline batch -> (per-example arrays, vision geometry per side for `images_per_call` images).
+
+  All images of a side must share one bucket (one grid), so the pixel rows of a chunk concatenate exactly like the
+  HF processor's. `step_seed` seeds the per-example dropout keys (identical in both GradCache passes)."""
+  out: dict[str, Any] = {}
+  geometry = {}
+  for side in SIDES:
+    grids = np.asarray(batch[f"{side}_image_grid_thw"])
+    if not np.all(grids == grids[:1]):
+      raise ValueError(f"{side}_image_grid_thw: a training batch must hold one image bucket, got "
+                       f"{sorted(set(map(tuple, grids.tolist())))}; use one bucket per side (data.image_buckets)")
+    ids, mask = batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]
+    patches = int(np.prod(grids[0]))
+    out[side] = {
+        "input_ids": ids.astype(np.int32),
+        "attention_mask": mask.astype(np.int32),
+        "position_ids": np.swapaxes(position_ids_for(model_cfg, ids, mask, grids), 0, 1).astype(np.int32),
+        "pixel_values": np.asarray(batch[f"{side}_pixel_values"][:, :patches], np.float32),
+    }
+    geometry[side] = _geometry(model_cfg.vision, tuple(int(g) for g in grids[0]), images_per_call)
+  b = len(batch["valid"])
+  out["valid"] = np.asarray(batch["valid"], bool)
+  out["target_ids"] = np.asarray(batch["target_ids"], np.int32)
+  out["group_ids"] = np.asarray(batch["group_ids"], np.int32)
+  out["seed"] = (np.uint32(step_seed) * np.uint32(1_000_003) + np.arange(b, dtype=np.uint32)).astype(np.uint32)
+  return out, geometry
+
+
+def embed_side(model, side: dict[str, jax.Array], geometry: dict[str, jax.Array]) -> jax.Array:
+  inputs = {
+      "input_ids": side["input_ids"],
+      "attention_mask": side["attention_mask"],
+      "position_ids": jnp.swapaxes(side["position_ids"], 0, 1),
+      "pixel_values": side["pixel_values"].reshape(-1, side["pixel_values"].shape[-1]),
+      "vision": geometry,
+  }
+  return embed.embed(model, inputs)
+
+
+def reseeded(rng_state, key: jax.Array):
+  """The model's RNG streams restarted from `key` (each stream its own fold): randomness as data, not mutation."""
+  leaves, treedef = jax.tree.flatten(rng_state)
+  fresh = [jax.random.fold_in(key, i) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else jnp.zeros_like(x)
+           for i, x in enumerate(leaves)]
+  return jax.tree.unflatten(treedef, fresh)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg: LossConfig, *,
+                    num_chunks: int = 1):
+  """Returns jitted step(state, frozen, batch, geometry) -> (state, metrics); `state` is donated.
+
+  graphdef / frozen come from `nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)`: frozen = (rng_state, base).
+  state = {"adapters": pure dict of the LoRA params, "opt_state", "step", "rng"}; with num_chunks > 1 the gradient is
+  GradCache's (the geometry must then be for B / num_chunks images). Dropout keys come from the batch's per-example
+  seeds (one per chunk), so both GradCache passes see the same masks and every step new ones.
+  """
+
+  def embed_fn(adapters, frozen, geometry, sub):
+    rng_state, base = frozen
+    model = nnx.merge(graphdef, adapters, reseeded(rng_state, jax.random.key(sub["seed"][0])), base)
+    return embed_side(model, sub["query"], geometry["query"]), embed_side(model, sub["target"], geometry["target"])
+
+  def loss_fn(q, t, batch):
+    return contrastive_loss(q, t, batch, loss_cfg)
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def step(state, frozen, batch, geometry):
+    template = state["adapters"]
+    if num_chunks > 1:
+      (loss, metrics), grads = gradcache.gradcache_grads(
+          lambda p, sub: embed_fn(p, frozen, geometry, sub), loss_fn, template, batch, num_chunks)
+    else:
+      def full(p):
+        q, t = embed_fn(p, frozen, geometry, batch)
+        return loss_fn(q, t, batch)
+      (loss, metrics), grads = jax.value_and_grad(full, has_aux=True)(template)
+    updates, opt_state = tx.update(grads, state["opt_state"], template)
+    adapters = optax.apply_updates(template, updates)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    return {"adapters": adapters, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, metrics
+
+  return step
