@@ -134,7 +134,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
       (loss, metrics), grads = jax.value_and_grad(full, has_aux=True)(template)
     updates, opt_state = tx.update(grads, state["opt_state"], template)
     adapters = optax.apply_updates(template, updates)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
     return {"adapters": adapters, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}, metrics
 
   return step
