@@ -1,4 +1,4 @@
-"""The embedded default: the ReCALL pipeline on the synthetic CIR world with a tiny random Qwen2.5-VL, on a CPU.
+"""The embedded default: the whole ReCALL pipeline on the synthetic CIR world with a tiny random Qwen2.5-VL, on a CPU.
 
 Launch (what `bash launch/demo.sh` runs):
   python -m recall_jax.main --config configs/demo.py --workdir runs/demo
@@ -7,103 +7,36 @@ Override any field on the command line, e.g. `--config.data.dataset=cirr --confi
 
 import ml_collections
 
+from configs import base
+
 
 def get_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.stages = "prepare,adapt,evaluate"
-
-  c.world = ml_collections.ConfigDict()
-  c.world.scale = "demo"  # tiny | demo | large
-  c.world.seed = 0
-  c.world.image_size = 112
-
-  c.model = ml_collections.ConfigDict()
-  c.model.checkpoint = ""  # empty: the prepare stage writes a tiny random checkpoint into the workdir
-  c.model.tiny = ml_collections.ConfigDict({"text": {}, "vision": {}})
-  c.model.init_seed = 0
+  c = base.get_config()
+  c.stages = "prepare,adapt,mine,calibrate,refine,evaluate"
+  c.model.checkpoint = ""  # the prepare stage writes a tiny random checkpoint into the workdir
   c.model.dtype = "float32"
-  c.model.position_mode = "mrope"  # mrope | sequential
-
-  c.data = ml_collections.ConfigDict()
-  c.data.dataset = "fashioniq"  # fashioniq | cirr | circo
-  c.data.root = ""  # empty: the synthetic world of the prepare stage
-  c.data.categories = ("dress", "shirt", "toptee")
-  c.data.image_ext = ".png"
-  c.data.on_error = "raise"
-  c.data.image_buckets = 112  # one square bucket: every batch has the same image grid
-  c.data.query_lengths = (320,)
+  c.data.dataset = "fashioniq"
+  c.data.root = ""  # the synthetic world of the prepare stage
+  c.data.image_buckets = 112
+  c.data.query_lengths = (320,)  # the tiny tokenizer is byte-level: prompts are long
   c.data.target_lengths = (128,)
-  c.data.caption_join = "and"
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.split = "val"
   c.eval.batch_size = 32
-  c.eval.exclude_reference = ml_collections.config_dict.placeholder(bool)  # None: the dataset's protocol default
-  c.eval.sheet_queries = 8
 
-  c.lora = ml_collections.ConfigDict()
-  c.lora.target_regex = ""  # empty: the effective ReCALL set (LLM q/k/v/o/down, vision MLP down)
-  c.lora.rank = 16
-  c.lora.alpha = 64
-  c.lora.dropout = 0.1
-  c.lora.use_dora = True
-  c.lora.init = "gaussian"
-
-  c.loss = ml_collections.ConfigDict()
+  # A random tiny base learns from scratch: larger steps and a softer temperature than the paper's 7B run.
   c.loss.temperature = 0.05
-  c.loss.infonce_weight = 1.0
-  c.loss.triplet_weight = 0.0
   c.loss.margin = 0.2
-  c.loss.symmetric = False
-  c.loss.mask_duplicate_targets = True
-
-  c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-3
-  c.optim.warmup_fraction = 0.1
-  c.optim.weight_decay = 0.01
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.clip_norm = 1.0
-
-  c.train = ml_collections.ConfigDict()
   c.train.steps = 300
   c.train.global_batch_size = 32
-  c.train.chunk_size = 0  # > 0: GradCache chunks of this many examples
+  c.train.chunk_size = 0
   c.train.log_every = 20
   c.train.checkpoint_every = 100
   c.train.eval_every = 100
-  c.train.keep_checkpoints = 2
-  c.train.best_metric = "R@10"
-  c.train.data_threads = 2
+  c.train.best_metric = "R@10"  # FashionIQ reports R@10 / R@50
   c.train.data_workers = 0
-
-  c.mine = ml_collections.ConfigDict()
-  c.mine.split = "train"
-  c.mine.strategy = "self_guided"  # self_guided | random | hard_negative (ablations)
-  c.mine.top_k = 10
-  c.mine.max_per_query = 5  # ReCALL's FashionIQ config uses 1
-  c.mine.batch_size = 32
-  c.mine.seed = 0  # the random strategy's draws
-  c.mine.sheet_queries = 8
-
-  c.calibrate = ml_collections.ConfigDict()
-  c.calibrate.prompt_mode = "minimal_json"  # minimal_json (ReCALL code's default) | staged_cot (the paper's)
-  c.calibrate.prompt_dir = ""  # empty: the packaged templates in recall_jax/generate/prompts/
+  c.mine.max_per_query = 1  # ReCALL's FashionIQ setting
   c.calibrate.batch_size = 8
-  c.calibrate.prompt_lengths = (1024, 2048)  # token buckets of rewrite / verification prompts (and KV cache)
-  c.calibrate.max_new_tokens = 128
-  c.calibrate.temperature = 0.0  # 0: greedy
-  c.calibrate.top_k = 0
-  c.calibrate.top_p = 1.0
-  c.calibrate.seed = 0
-  c.calibrate.max_records = 64  # 0: every mined record; the demo's random model only writes noise, a sample will do
-  c.calibrate.vqa_threshold = 0.95
-  c.calibrate.answer_words = ("no", "yes")  # P(yes) = softmax over the first token of each, at the answer position
-  c.calibrate.decomposed_verification = False  # also verify one statement per intent; P(yes) = min over all
-  c.calibrate.oracle = True  # score rewrites and VQA decisions with the world's oracle when scene graphs exist
-  c.calibrate.sheet_samples = 8
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor)
+  c.calibrate.max_records = 64  # the random model writes noise: a sample shows the mechanics
+  c.refine.steps = 150
+  c.refine.margin = 0.2
   return c

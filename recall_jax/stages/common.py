@@ -54,14 +54,15 @@ def encode_config(cfg: ConfigDict) -> pipeline.EncodeConfig:
 
 def read_splits(cfg: ConfigDict, workdir: str, split: str) -> list[CIRSplit]:
   """The configured dataset's splits (FashionIQ: one per category), from the real layout under data.root or the
-  synthetic world."""
-  root = prepare.world_root(cfg, workdir)
+  synthetic world's copy of that layout."""
   d = cfg.data
+  world = prepare.world_root(cfg, workdir)  # validates data.root
+  root = d.root or f"{world}/{d.dataset}"
   if d.dataset == "fashioniq":
-    return readers.read_fashioniq(f"{root}/fashioniq" if not d.root else root, split, categories=tuple(d.categories),
-                                  image_ext=d.image_ext, on_error=d.on_error)
+    return readers.read_fashioniq(root, split, categories=tuple(d.categories), image_ext=d.image_ext,
+                                  on_error=d.on_error)
   if d.dataset == "cirr":
-    return [readers.read_cirr(f"{root}/cirr" if not d.root else root, split, on_error=d.on_error)]
+    return [readers.read_cirr(root, split, on_error=d.on_error)]
   if d.dataset == "circo":
-    return [readers.read_circo(f"{root}/circo" if not d.root else root, split, on_error=d.on_error)]
+    return [readers.read_circo(root, split, on_error=d.on_error)]
   raise ValueError(f"config data.dataset must be fashioniq, cirr or circo, got {d.dataset!r}")

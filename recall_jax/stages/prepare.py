@@ -15,23 +15,31 @@ from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
 
 
 def world_root(cfg: ConfigDict, workdir: str) -> str:
+  """The dataset root: config data.root, or ("" ) the synthetic world of the prepare stage."""
+  if cfg.data.root is None:
+    raise ValueError("config data.root is required: the dataset root in its real layout (or \"\" for the "
+                     "synthetic world of the prepare stage)")
   return cfg.data.root or os.path.join(workdir, "prepare", "world")
 
 
 def checkpoint_dir(cfg: ConfigDict, workdir: str) -> str:
+  """The base checkpoint: config model.checkpoint, or ("") the tiny random one of the prepare stage."""
+  if cfg.model.checkpoint is None:
+    raise ValueError("config model.checkpoint is required: a Hugging Face Qwen2.5-VL checkpoint directory (or \"\" "
+                     "for the tiny random checkpoint of the prepare stage)")
   return cfg.model.checkpoint or os.path.join(workdir, "prepare", "checkpoint")
 
 
 def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
   manifest: dict = {}
-  if not cfg.data.root:
+  if world_root(cfg, workdir) != cfg.data.root:  # data.root "" -> generate the synthetic world
     root = world_root(cfg, workdir)
     if os.path.exists(root):  # a crash mid-generation leaves a partial world: start it again
       import shutil
       shutil.rmtree(root)
     world = generate_world(root, scale=cfg.world.scale, seed=cfg.world.seed, image_size=cfg.world.image_size)
     manifest["world"] = {"root": root, "counts": world["counts"]}
-  if not cfg.model.checkpoint:
+  if checkpoint_dir(cfg, workdir) != cfg.model.checkpoint:  # model.checkpoint "" -> a tiny random checkpoint
     path = checkpoint_dir(cfg, workdir)
     model_cfg = qwen2_5_vl.tiny_config(**cfg.model.tiny.to_dict())
     model = qwen2_5_vl.Qwen25VLModel(model_cfg, rngs=nnx.Rngs(cfg.model.init_seed))

@@ -1,0 +1,114 @@
+"""Shared defaults: ReCALL on CIRR with Qwen2.5-VL-7B-Instruct and the paper's hyperparameters
+(../shared/docs/recall_method.md). Other configs start from this and override; it is not launched directly.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """ReCALL on CIRR with Qwen2.5-VL-7B-Instruct (the paper's hyperparameters); other configs override this."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.stages = "adapt,mine,calibrate,refine,evaluate"
+
+  c.world = ml_collections.ConfigDict()
+  c.world.scale = "demo"  # synthetic world only (prepare stage): tiny | demo | large
+  c.world.seed = 0
+  c.world.image_size = 112
+
+  c.model = ml_collections.ConfigDict()
+  c.model.checkpoint = ml_collections.config_dict.placeholder(str)  # required: HF Qwen2.5-VL checkpoint dir
+  # ("" only with the prepare stage, which then writes a tiny random checkpoint into the workdir)
+  c.model.tiny = ml_collections.ConfigDict({"text": {}, "vision": {}})
+  c.model.init_seed = 0
+  c.model.dtype = "bfloat16"  # base weights; adapters are always fp32
+  c.model.position_mode = "mrope"  # mrope | sequential
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "cirr"  # fashioniq | cirr | circo
+  c.data.root = ml_collections.config_dict.placeholder(str)  # dataset root in its real layout ("" = synthetic)
+  c.data.categories = ("dress", "shirt", "toptee")
+  c.data.image_ext = ".png"
+  c.data.on_error = "raise"
+  c.data.image_buckets = 364  # one square bucket (13x13 merged tokens <= max_pixels): one grid per batch
+  c.data.query_lengths = (320,)  # tokens incl. the image pads
+  c.data.target_lengths = (256,)
+  c.data.caption_join = "and"
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = "val"
+  c.eval.batch_size = 64
+  c.eval.exclude_reference = ml_collections.config_dict.placeholder(bool)  # None: the dataset's protocol default
+  c.eval.sheet_queries = 8
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.target_regex = ""  # empty: the effective ReCALL set (LLM q/k/v/o/down, vision MLP down)
+  c.lora.rank = 16
+  c.lora.alpha = 64
+  c.lora.dropout = 0.1
+  c.lora.use_dora = True
+  c.lora.init = "gaussian"
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.temperature = 0.02
+  c.loss.infonce_weight = 1.0
+  c.loss.triplet_weight = 0.0
+  c.loss.margin = 0.05
+  c.loss.symmetric = False
+  c.loss.mask_duplicate_targets = True
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 2e-5
+  c.optim.warmup_fraction = 0.1
+  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.clip_norm = 1.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 300  # paper: 300 (stage 1); released code: 5000
+  c.train.global_batch_size = 512
+  c.train.chunk_size = 64  # GradCache chunks (0: one chunk); per-device 8 on 8 GPUs
+  c.train.log_every = 10
+  c.train.checkpoint_every = 50
+  c.train.eval_every = 50
+  c.train.keep_checkpoints = 2
+  c.train.best_metric = "R@1"
+  c.train.data_threads = 2
+  c.train.data_workers = 8
+
+  c.mine = ml_collections.ConfigDict()
+  c.mine.split = "train"
+  c.mine.strategy = "self_guided"  # self_guided | random | hard_negative (ablations)
+  c.mine.top_k = 10
+  c.mine.max_per_query = 5  # ReCALL's FashionIQ config uses 1
+  c.mine.batch_size = 32
+  c.mine.seed = 0  # the random strategy's draws
+  c.mine.sheet_queries = 8
+
+  c.calibrate = ml_collections.ConfigDict()
+  c.calibrate.prompt_mode = "minimal_json"  # minimal_json (ReCALL code's default) | staged_cot (the paper's)
+  c.calibrate.prompt_dir = ""  # empty: the packaged templates in recall_jax/generate/prompts/
+  c.calibrate.batch_size = 64
+  c.calibrate.prompt_lengths = (1024, 2048)  # token buckets of rewrite / verification prompts (and KV cache)
+  c.calibrate.max_new_tokens = 128
+  c.calibrate.temperature = 0.0  # 0: greedy
+  c.calibrate.top_k = 0
+  c.calibrate.top_p = 1.0
+  c.calibrate.seed = 0
+  c.calibrate.max_records = 0  # 0: every mined record
+  c.calibrate.vqa_threshold = 0.95
+  c.calibrate.answer_words = ("no", "yes")  # P(yes) = softmax over the first token of each, at the answer position
+  c.calibrate.decomposed_verification = False  # also verify one statement per intent; P(yes) = min over all
+  c.calibrate.oracle = True  # score rewrites and VQA decisions with the world's oracle when scene graphs exist
+  c.calibrate.sheet_samples = 8
+
+  c.refine = ml_collections.ConfigDict()
+  c.refine.steps = 350
+  c.refine.infonce_weight = 0.9  # paper-era ReCALL code: 0.9 InfoNCE + 0.1 triplet
+  c.refine.triplet_weight = 0.1
+  c.refine.margin = 0.05
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor): data parallel, bf16 base replicated
+  return c
