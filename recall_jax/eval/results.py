@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from typing import Any, Mapping
+
+from recall_jax import files
 
 
 def write_json_atomic(path: str, obj: Any) -> str:
-  """Writes JSON to a temp file in the same directory, then renames it over `path`: readers never see half a file."""
-  text = json.dumps(obj, indent=1, allow_nan=False)  # serialise first: a bad value leaves no file behind
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-  return path
+  """Strict JSON (no NaN), written atomically."""
+  return files.atomic_write_json(path, obj, indent=1, allow_nan=False)
 
 
 def _check_jsonable(name: str, value: Any) -> None:

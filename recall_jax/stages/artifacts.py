@@ -7,22 +7,14 @@ import os
 import time
 from typing import Any, Callable, Iterable
 
+from recall_jax import files
+from recall_jax.files import atomic_write_text
+
 MANIFEST = "manifest.json"
 
 
-def atomic_write_text(path: str, text: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-  return path
-
-
 def atomic_write_json(path: str, obj: Any) -> str:
-  return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+  return files.atomic_write_json(path, obj, indent=2, sort_keys=True, default=str)
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> str:
