@@ -10,6 +10,13 @@ from typing import Any, Literal
 PositionMode = Literal["mrope", "sequential"]
 
 
+def _first_id(value: Any, default: int) -> int:
+  """Token id fields may be an int, a list of ints (several EOS ids) or absent."""
+  if value is None:
+    return default
+  return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
   depth: int = 32
@@ -62,6 +69,8 @@ class Qwen25VLConfig:
   video_token_id: int = 151656
   vision_start_token_id: int = 151652
   vision_end_token_id: int = 151653
+  bos_token_id: int = 151643
+  eos_token_id: int = 151645
   tie_word_embeddings: bool = False
   # "mrope": Qwen2.5-VL's 3-D positions; "sequential": plain 1-D positions for every token (what the
   # released ReCALL code ends up using).
@@ -127,6 +136,8 @@ class Qwen25VLConfig:
         video_token_id=d.get("video_token_id", 151656),
         vision_start_token_id=d.get("vision_start_token_id", 151652),
         vision_end_token_id=d.get("vision_end_token_id", 151653),
+        bos_token_id=_first_id(t.get("bos_token_id"), 151643),
+        eos_token_id=_first_id(t.get("eos_token_id"), 151645),
         tie_word_embeddings=bool(tie),
     )
 
@@ -163,6 +174,8 @@ class Qwen25VLConfig:
             "num_key_value_heads": t.num_key_value_heads,
             "rms_norm_eps": t.rms_norm_eps,
             "max_position_embeddings": t.max_position_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
             "tie_word_embeddings": self.tie_word_embeddings,
             "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta,
                                 "mrope_section": list(t.mrope_section)},

@@ -18,6 +18,8 @@ TINY_IMAGE_TOKEN_ID = 268
 TINY_VIDEO_TOKEN_ID = 269
 TINY_VISION_START_TOKEN_ID = 265
 TINY_VISION_END_TOKEN_ID = 266
+TINY_PAD_TOKEN_ID = 256  # <|endoftext|>
+TINY_EOS_TOKEN_ID = 258  # <|im_end|>
 
 _TINY_TEXT = TextConfig(
     vocab_size=TINY_VOCAB_SIZE,
@@ -66,5 +68,7 @@ def tiny_config(**overrides: Any) -> Qwen25VLConfig:
       video_token_id=TINY_VIDEO_TOKEN_ID,
       vision_start_token_id=TINY_VISION_START_TOKEN_ID,
       vision_end_token_id=TINY_VISION_END_TOKEN_ID,
+      bos_token_id=TINY_PAD_TOKEN_ID,
+      eos_token_id=TINY_EOS_TOKEN_ID,
   )
   return cfg.replace(**overrides)
