@@ -86,6 +86,27 @@ def get_config() -> ml_collections.ConfigDict:
   c.mine.seed = 0  # the random strategy's draws
   c.mine.sheet_queries = 8
 
+  # Optional stage "teach": fine-tune the foundation model on the synthetic world's SFT data (generative objective);
+  # calibrate then uses its merged checkpoint (<workdir>/teach/checkpoint) as the foundation model.
+  c.teach = ml_collections.ConfigDict()
+  c.teach.tasks = ("caption", "vqa", "rewrite", "verify")
+  c.teach.lengths = (256, 768, 1536)  # token buckets; the rewrite prompt is the longest
+  c.teach.batch_size = 8
+  c.teach.steps = 300
+  c.teach.trainable_regex = ""  # "": LoRA (teach.lora), merged at the end; a regex of param paths: full fine-tuning
+  c.teach.lora = ml_collections.ConfigDict()
+  c.teach.lora.target_regex = r"language_model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"  # every LLM projection
+  c.teach.lora.rank = 64
+  c.teach.lora.alpha = 128
+  c.teach.lora.dropout = 0.0
+  c.teach.lora.init = "kaiming"
+  c.teach.optim = ml_collections.ConfigDict(
+      {"lr": 1e-4, "warmup_fraction": 0.05, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "clip_norm": 1.0})
+  c.teach.log_every = 10
+  c.teach.checkpoint_every = 100
+  c.teach.keep_checkpoints = 1
+  c.teach.data_threads = 2
+
   c.calibrate = ml_collections.ConfigDict()
   c.calibrate.prompt_mode = "minimal_json"  # minimal_json (ReCALL code's default) | staged_cot (the paper's)
   c.calibrate.prompt_dir = ""  # empty: the packaged templates in recall_jax/generate/prompts/
@@ -108,6 +129,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.refine.infonce_weight = 0.9  # paper-era ReCALL code: 0.9 InfoNCE + 0.1 triplet
   c.refine.triplet_weight = 0.1
   c.refine.margin = 0.05
+
+  # Frozen base weights: (regex over parameter paths, PartitionSpec entries), first match wins, default replicated.
+  # Data parallel with a replicated bf16 base fits 7B + LoRA on 80 GB GPUs; to shard it over fsdp instead, e.g.
+  #   [(r"(q|k|v|o|gate|up|down)_proj/kernel", ("fsdp", None)), (r"embed_tokens|lm_head", (None, "fsdp"))]
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.rules = ()
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor): data parallel, bf16 base replicated

@@ -24,9 +24,9 @@ log = logging.getLogger("recall_jax")
 
 
 def _stage_fns():
-  from recall_jax.stages import adapt, calibrate, evaluate, mine, prepare, refine
-  return {"prepare": prepare.run, "adapt": adapt.run, "mine": mine.run, "calibrate": calibrate.run,
-          "refine": refine.run, "evaluate": evaluate.run}
+  from recall_jax.stages import adapt, calibrate, evaluate, mine, prepare, refine, teach
+  return {"prepare": prepare.run, "teach": teach.run, "adapt": adapt.run, "mine": mine.run,
+          "calibrate": calibrate.run, "refine": refine.run, "evaluate": evaluate.run}
 
 
 def run(cfg, workdir: str, stages: list[str]) -> dict:

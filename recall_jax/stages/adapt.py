@@ -25,7 +25,7 @@ def merged_images(splits: Sequence[CIRSplit]) -> dict[str, str]:
   return images
 
 
-def val_eval_fn(cfg: ConfigDict, workdir: str, tokenizer, splits: Sequence[CIRSplit]):
+def val_eval_fn(cfg: ConfigDict, workdir: str, tokenizer, splits: Sequence[CIRSplit], mesh=None):
   """model -> mean over the val splits of each metric (FashionIQ: over categories)."""
   encode_cfg = common.encode_config(cfg)
 
@@ -34,7 +34,7 @@ def val_eval_fn(cfg: ConfigDict, workdir: str, tokenizer, splits: Sequence[CIRSp
     for split in splits:
       protocol = evaluate.protocol_from_config(cfg, split.dataset)
       q, g = encode.encode_split(model, split, tokenizer=tokenizer, encode_cfg=encode_cfg,
-                                 batch_size=cfg.eval.batch_size)
+                                 batch_size=cfg.eval.batch_size, mesh=mesh)
       per_split.append(retrieval.split_metrics(split, retrieval.rank_split(split, q, g, protocol), protocol))
     return {k: float(np.mean([m[k] for m in per_split])) for k in per_split[0]}
 
@@ -44,13 +44,14 @@ def val_eval_fn(cfg: ConfigDict, workdir: str, tokenizer, splits: Sequence[CIRSp
 def train_on(cfg: ConfigDict, workdir: str, out: str, queries: Sequence[Query], images: dict[str, str], *,
              grouped: bool, model=None, tokenizer=None, stop_after: Optional[int] = None) -> dict:
   """Shared by Stage 1 and Stage 4: train adapters on `queries`, evaluating on the val split."""
+  mesh = common.training_mesh(cfg)
   if model is None:
-    model, tokenizer = common.load_base_model(cfg, workdir)
+    model, tokenizer = common.load_base_model(cfg, workdir, mesh=mesh)
   val = common.read_splits(cfg, workdir, cfg.eval.split)
   result = trainer.train(
       cfg, model, tokenizer, queries, dataset=cfg.data.dataset, load=pipeline.FileImages(images),
-      encode_cfg=common.encode_config(cfg), out_dir=out, eval_fn=val_eval_fn(cfg, workdir, tokenizer, val),
-      grouped=grouped, stop_after=stop_after)
+      encode_cfg=common.encode_config(cfg), out_dir=out, eval_fn=val_eval_fn(cfg, workdir, tokenizer, val, mesh),
+      grouped=grouped, stop_after=stop_after, mesh=mesh)
   return {"steps": result.steps, "adapter_dir": result.adapter_dir, "best_step": result.best_step,
           "best_val_metrics": result.best_metrics, "last_train_metrics": result.last_metrics,
           "train_queries": len(queries)}

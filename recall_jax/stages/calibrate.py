@@ -283,7 +283,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
     raise ValueError(f"mined images {missing[:5]} are not in the {cfg.mine.split} split of {cfg.data.dataset}")
   if sampler is None:
     if model is None:
-      model, tokenizer = common.load_base_model(cfg, workdir)
+      model, tokenizer = common.load_base_model(cfg, workdir, common.foundation_checkpoint(cfg, workdir))
     sampler = Sampler(model, tokenizer, cache_buckets=ccfg.prompt_lengths)
   tokenizer = tokenizer or sampler.tokenizer
   calibrator = Calibrator(sampler, tokenizer, ccfg, common.encode_config(cfg), pipeline.FileImages(images))

@@ -14,14 +14,33 @@ from recall_jax.stages import prepare
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def load_base_model(cfg: ConfigDict, workdir: str):
-  """(model, tokenizer) from the base checkpoint (the configured one, or the tiny one of the prepare stage)."""
+def load_base_model(cfg: ConfigDict, workdir: str, checkpoint: str | None = None, *, mesh=None):
+  """(model, tokenizer) from the base checkpoint (the configured one, or the tiny one of the prepare stage), or
+  from `checkpoint` when given. With a mesh, every tensor is read once and placed straight onto its sharding
+  (config sharding.rules; replicated by default)."""
   from transformers import AutoTokenizer
   if cfg.model.dtype not in DTYPES:
     raise ValueError(f"config model.dtype must be one of {sorted(DTYPES)}, got {cfg.model.dtype!r}")
-  path = prepare.checkpoint_dir(cfg, workdir)
-  model = qwen2_5_vl.from_pretrained(path, dtype=DTYPES[cfg.model.dtype], position_mode=cfg.model.position_mode)
+  path = checkpoint or prepare.checkpoint_dir(cfg, workdir)
+  from recall_jax.train.trainer import sharding_rules
+  model = qwen2_5_vl.from_pretrained(path, dtype=DTYPES[cfg.model.dtype], mesh=mesh,
+                                     shardings=(sharding_rules(cfg) or None) if mesh is not None else None,
+                                     position_mode=cfg.model.position_mode)
   return model, AutoTokenizer.from_pretrained(path)
+
+
+def training_mesh(cfg: ConfigDict):
+  from recall_jax import parallel
+  return parallel.make_mesh(tuple(cfg.mesh.shape))
+
+
+def foundation_checkpoint(cfg: ConfigDict, workdir: str) -> str:
+  """The generative foundation model of Stage 3: the teach stage's fine-tuned checkpoint when that stage has
+  finished, else the base checkpoint."""
+  from recall_jax.stages import artifacts
+  if artifacts.is_done(workdir, "teach"):
+    return artifacts.read_manifest(workdir, "teach")["checkpoint"]
+  return prepare.checkpoint_dir(cfg, workdir)
 
 
 def latest_adapters(workdir: str) -> str | None:

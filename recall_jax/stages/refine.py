@@ -46,7 +46,7 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
     rcfg.loss.triplet_weight = cfg.refine.triplet_weight
     rcfg.loss.infonce_weight = cfg.refine.infonce_weight
     rcfg.loss.margin = cfg.refine.margin
-  model, tokenizer = common.load_base_model(cfg, workdir)
+  model, tokenizer = common.load_base_model(cfg, workdir, mesh=common.training_mesh(cfg))
   lora.import_peft(model, stage1["adapter_dir"])  # continue from R_base; the trainer starts a fresh optimizer
   manifest = adapt.train_on(rcfg, workdir, out, queries, adapt.merged_images(splits), grouped=True, model=model,
                             tokenizer=tokenizer)

@@ -1,21 +1,28 @@
-"""The contrastive trainer (Stage 1 adaptation and Stage 4 refinement): one loop, read top to bottom.
+"""The trainer: one loop, read top to bottom, shared by two objectives.
 
-  adapters -> optimizer -> data iterator -> resume -> [step, log, checkpoint, evaluate]* -> export adapters
+  trained params -> optimizer -> data iterator -> resume -> [step, log, checkpoint, evaluate]* -> final params
 
-Only adapter parameters are trained (frozen base: no gradients, no optimizer state). Checkpoints hold {adapters,
-optimizer state, step, rng} plus the Grain iterator position; a restarted run resumes from the latest one. The only
-host syncs in the loop are at logging, checkpoint and evaluation intervals.
+`train` is the contrastive objective (Stage 1 adaptation and Stage 4 refinement: LoRA/DoRA adapters, InfoNCE (+
+triplet), PEFT export); `recall_jax.stages.teach` builds the generative one (recall_jax.train.generative) and calls
+`fit` with it. An `Objective` names the trained parameters (an nnx filter: the adapters, or a regex over parameter
+paths); everything else is frozen (no gradients, no optimizer state). Checkpoints hold {trained params (under
+the key "adapters"), optimizer state, step, rng} plus the Grain iterator position; a restarted run resumes from
+the latest one. The only host syncs in the loop are at logging, checkpoint and evaluation intervals.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Callable, Optional, Sequence
 
+import grain
 import jax
 import numpy as np
+import optax
+from clu import metrics as clu_metrics
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
@@ -41,6 +48,7 @@ class TrainResult:
   best_step: Optional[int]
   best_metrics: Optional[dict]
   last_metrics: dict
+  compilations: int
 
 
 def add_adapters(model, cfg: ConfigDict, seed: int) -> list[str]:
@@ -48,6 +56,12 @@ def add_adapters(model, cfg: ConfigDict, seed: int) -> list[str]:
   return lora.apply_lora(model, c.target_regex or lora.DEFAULT_TARGET_REGEX, rank=c.rank, alpha=c.alpha,
                          dropout=c.dropout, use_dora=c.use_dora, init=c.init,
                          rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def sharding_rules(cfg: ConfigDict) -> list[tuple[str, tuple]]:
+  """Config `sharding.rules`: [(regex over parameter paths, PartitionSpec entries), ...]."""
+  rules = cfg.get("sharding", {}).get("rules", ()) if "sharding" in cfg else ()
+  return [(pattern, tuple(spec)) for pattern, spec in rules]
 
 
 def loss_config(cfg: ConfigDict) -> step_lib.LossConfig:
@@ -61,43 +75,113 @@ def _replicate(tree, mesh: Optional[Mesh]):
   return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, P()))
 
 
+def place_by_rules(tree, mesh: Mesh, rules) -> Any:
+  """Puts every array of `tree` on `mesh` with the PartitionSpec of the first matching regex rule (parameter paths
+  as "language_model/layers/0/self_attn/q_proj/kernel"); unmatched arrays are replicated. Arrays already placed that
+  way (e.g. loaded straight onto their sharding) are not copied."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  paths = [jax.tree_util.keystr(tuple(p), simple=True, separator="/").removesuffix("/value") for p, _ in leaves]
+  shardings = parallel.param_shardings({p: np.shape(x) for p, (_, x) in zip(paths, leaves)}, mesh, rules)
+  return jax.tree_util.tree_unflatten(treedef, [jax.device_put(x, shardings[p]) for p, (_, x) in zip(paths, leaves)])
+
+
 def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
                       tree)
 
 
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """What one training objective gives the shared loop.
+
+  trainable:  nnx filter of the trained parameters (the rest is frozen: no gradients, no optimizer state).
+  dataset:    this process's batches, element i = batch i of the run (a pure function of the seed).
+  host_batch: (pipeline batch, step) -> (per-example arrays, static vision geometry) on the host.
+  make_step:  (graphdef, optax tx) -> jitted step(state, frozen, arrays, geometry) -> (state, metrics), where
+              state = {"adapters": trained params (pure dict), "opt_state", "step", "rng"}, frozen = (rng, rest).
+  """
+
+  trainable: Any
+  dataset: grain.MapDataset
+  host_batch: Callable[[dict, int], tuple[dict, Any]]
+  make_step: Callable[[nnx.GraphDef, optax.GradientTransformation], Callable]
+
+
+@dataclasses.dataclass
+class FitResult:
+  steps: int
+  best_step: Optional[int]
+  best_metrics: Optional[dict]
+  last_metrics: dict
+  compilations: int  # of the jitted step in this call: 1 when shapes stay static
+
+
 def train(cfg: ConfigDict, model, tokenizer, queries: Sequence[Query], *, dataset: str, load: pipeline.ImageLoader,
           encode_cfg: pipeline.EncodeConfig, out_dir: str, eval_fn: Optional[EvalFn] = None,
           mesh: Optional[Mesh] = None, grouped: bool = False, stop_after: Optional[int] = None) -> TrainResult:
-  """Trains adapters on `queries` (training triplets); `model` gets adapters attached (or keeps the ones it has).
+  """The contrastive objective: trains adapters on `queries` (training triplets); `model` gets adapters attached
+  (or keeps the ones it has), exported in PEFT format to <out_dir>/adapters at the end.
 
   cfg: the run config (sections train, lora, loss, optim). eval_fn(model) -> {metric: value} runs every
   cfg.train.eval_every steps; the best checkpoint by cfg.train.best_metric is kept. `stop_after` ends the loop early
   after that many steps of this call (a test hook standing in for a killed process).
   """
   t = cfg.train
-  mesh = mesh or parallel.make_mesh(tuple(cfg.mesh.shape))
   if not lora.lora_modules(model):
     names = add_adapters(model, cfg, cfg.seed)
     log.info("[train] adapters on %d modules (rank %d, alpha %g, dora=%s)", len(names), cfg.lora.rank,
              cfg.lora.alpha, cfg.lora.use_dora)
-  model.train()
-  graphdef, adapters, rng_state, base = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
-  frozen = _replicate((rng_state, base), mesh)
-  tx = make_optimizer(lr=cfg.optim.lr, total_steps=t.steps, warmup_fraction=cfg.optim.warmup_fraction,
-                      weight_decay=cfg.optim.weight_decay, b1=cfg.optim.b1, b2=cfg.optim.b2,
-                      clip_norm=cfg.optim.clip_norm)
-  pure = _replicate(nnx.to_pure_dict(adapters), mesh)
-  state = {"adapters": pure, "opt_state": tx.init(pure), "step": _replicate(np.int32(0), mesh),
-           "rng": _replicate(jax.random.key_data(jax.random.key(cfg.seed)), mesh)}
-
   num_chunks = max(1, t.global_batch_size // t.chunk_size) if t.chunk_size else 1
   if t.global_batch_size % num_chunks:
     raise ValueError(f"config train.global_batch_size {t.global_batch_size} is not a multiple of train.chunk_size "
                      f"{t.chunk_size}")
   ds = pipeline.train_dataset(queries, dataset=dataset, load=load, tokenizer=tokenizer, cfg=encode_cfg,
                               global_batch_size=t.global_batch_size, seed=cfg.seed, grouped=grouped)
-  iterator = pipeline.make_iterator(ds, num_threads=t.data_threads, prefetch=2, num_workers=t.data_workers)
+  local_batch = t.global_batch_size // jax.process_count()
+
+  def host_batch(batch, step):
+    return step_lib.host_batch(model.cfg, batch, images_per_call=local_batch // num_chunks,
+                               step_seed=cfg.seed * 7919 + step)
+
+  objective = Objective(
+      trainable=nnx.LoRAParam, dataset=ds, host_batch=host_batch,
+      make_step=lambda graphdef, tx: step_lib.make_train_step(graphdef, tx, loss_config(cfg), num_chunks=num_chunks))
+  result = fit(model, objective, train_cfg=t, optim_cfg=cfg.optim, seed=cfg.seed, out_dir=out_dir, eval_fn=eval_fn,
+               mesh=mesh or parallel.make_mesh(tuple(cfg.mesh.shape)), stop_after=stop_after,
+               sharding_rules=sharding_rules(cfg))
+  adapter_dir = os.path.join(out_dir, "adapters")
+  if result.steps == t.steps and jax.process_index() == 0:
+    lora.export_peft(model, adapter_dir)
+  return TrainResult(steps=result.steps, adapter_dir=adapter_dir, best_step=result.best_step,
+                     best_metrics=result.best_metrics, last_metrics=result.last_metrics,
+                     compilations=result.compilations)
+
+
+def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: ConfigDict, seed: int, out_dir: str,
+        eval_fn: Optional[EvalFn] = None, mesh: Optional[Mesh] = None, stop_after: Optional[int] = None,
+        sharding_rules: Sequence[tuple[str, Sequence[Optional[str]]]] = ()) -> FitResult:
+  """The loop both objectives share; updates `model` in place with the final (or best) trained parameters.
+
+  train_cfg: steps, log_every, checkpoint_every, eval_every, keep_checkpoints, best_metric, data_threads,
+  data_workers. optim_cfg: the optax AdamW settings (lr, warmup_fraction, weight_decay, b1, b2, clip_norm).
+  mesh: default all devices on the data axis. sharding_rules: (regex, PartitionSpec) for the frozen parameters
+  (config `sharding.rules`; first match wins, default replicated); trained parameters are replicated.
+  """
+  t = train_cfg
+  mesh = mesh or parallel.make_mesh((-1, 1, 1))
+  model.train()
+  graphdef, trained, rng_state, rest = nnx.split(model, objective.trainable, nnx.RngState, ...)
+  frozen = (_replicate(rng_state, mesh), place_by_rules(rest, mesh, sharding_rules))
+  tx = make_optimizer(lr=optim_cfg.lr, total_steps=t.steps, warmup_fraction=optim_cfg.warmup_fraction,
+                      weight_decay=optim_cfg.weight_decay, b1=optim_cfg.b1, b2=optim_cfg.b2,
+                      clip_norm=optim_cfg.clip_norm)
+  pure = nnx.to_pure_dict(trained)
+  # Every leaf (optimizer counters included) on the mesh, so fresh, stepped and restored states share one signature
+  # and the step compiles once.
+  state = _replicate({"adapters": pure, "opt_state": tx.init(pure), "step": np.int32(0),
+                      "rng": jax.random.key_data(jax.random.key(seed))}, mesh)
+  iterator = pipeline.make_iterator(objective.dataset, num_threads=t.data_threads, prefetch=2,
+                                    num_workers=t.data_workers)
 
   ckpt = Checkpoints(os.path.join(out_dir, "checkpoints"), keep=t.keep_checkpoints,
                      best_metric=t.best_metric if eval_fn else None)
@@ -107,28 +191,27 @@ def train(cfg: ConfigDict, model, tokenizer, queries: Sequence[Query], *, datase
     start = int(meta["step"])
     log.info("[train] resumed from step %d (%s)", start, ckpt.latest_step())
 
-  train_step = step_lib.make_train_step(graphdef, tx, loss_config(cfg), num_chunks=num_chunks)
+  train_step = objective.make_step(graphdef, tx)
   writer = MetricWriter(out_dir, is_primary=jax.process_index() == 0)
   progress = Progress(t.steps)
   progress.start(start)
-  pending: list[dict] = []
+  interval = None  # clu metrics of the current logging interval, accumulated on device
   last_metrics: dict = {}
-  local_batch = t.global_batch_size // jax.process_count()
   done_here = 0
   for step in range(start, t.steps):
     batch = next(iterator)
-    arrays, geometry = step_lib.host_batch(model.cfg, batch, images_per_call=local_batch // num_chunks,
-                                           step_seed=cfg.seed * 7919 + step)
+    arrays, geometry = objective.host_batch(batch, step)
     arrays = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
         parallel.batch_sharding(mesh, x.ndim), x), arrays)
     state, metrics = train_step(state, frozen, arrays, geometry)
-    pending.append(metrics)
+    step_metrics = _collection(tuple(metrics)).single_from_model_output(**metrics)
+    interval = step_metrics if interval is None else interval.merge(step_metrics)
     done_here += 1
     at_end = step + 1 == t.steps
     if (step + 1) % t.log_every == 0 or at_end:
-      # The one host sync per logging interval: average the interval's metrics.
-      means = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-      pending.clear()
+      # The one host sync per logging interval: the interval's averages.
+      means = {k: float(v) for k, v in interval.compute().items()}
+      interval = None
       last_metrics = means
       writer.write(step + 1, means, prefix="train/", progress=progress.line(step + 1))
     if (step + 1) % t.checkpoint_every == 0 or at_end:
@@ -150,13 +233,14 @@ def train(cfg: ConfigDict, model, tokenizer, queries: Sequence[Query], *, datase
     final, best_metrics = best_state["adapters"], meta.get("metrics")
   nnx.update(model, final)
   ckpt.close()
-  steps = int(jax.device_get(state["step"]))
-  adapter_dir = os.path.join(out_dir, "adapters")
-  if steps == t.steps and jax.process_index() == 0:
-    lora.export_peft(model, adapter_dir)
   model.eval()
-  return TrainResult(steps=steps, adapter_dir=adapter_dir, best_step=best_step, best_metrics=best_metrics,
-                     last_metrics=last_metrics)
+  return FitResult(steps=int(jax.device_get(state["step"])), best_step=best_step, best_metrics=best_metrics,
+                   last_metrics=last_metrics, compilations=train_step._cache_size())
+
+
+@functools.lru_cache(maxsize=None)
+def _collection(keys: tuple[str, ...]):
+  return clu_metrics.Collection.create(**{k: clu_metrics.Average.from_output(k) for k in keys})
 
 
 def _evaluate(model, eval_fn: EvalFn, adapters) -> dict[str, float]:

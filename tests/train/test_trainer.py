@@ -66,13 +66,25 @@ def test_resume_after_interruption_equals_uninterrupted(world, tmp_path):
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   assert r1.last_metrics["loss"] == r2.last_metrics["loss"]
+  assert r1.compilations == r2.compilations == 1  # static shapes: one compilation of the step per run
+
+
+def test_place_by_rules_shards_matching_params_and_replicates_the_rest():
+  model = qwen2_5_vl.Qwen25VLModel(qwen2_5_vl.tiny_config(), rngs=nnx.Rngs(0))
+  placed = trainer.place_by_rules(nnx.state(model, nnx.Param), parallel.make_mesh((4, 2, 1)),
+                                  [(r"embed_tokens", ("fsdp", None))])
+  flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(placed)}
+  assert flat["language_model/embed_tokens/embedding"].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+  assert not flat["language_model/embed_tokens/embedding"].sharding.is_fully_replicated
+  assert flat["lm_head/kernel"].sharding.is_fully_replicated and len(flat["lm_head/kernel"].sharding.device_set) == 8
 
 
 def test_gradcache_and_sharding_equal_the_plain_step(world, tmp_path):
   plain, _ = _train(_cfg(steps=2, batch=8, dropout=0.0), world, tmp_path / "plain")
   chunked, _ = _train(_cfg(steps=2, batch=8, chunk=2, dropout=0.0), world, tmp_path / "chunked")
-  sharded, _ = _train(_cfg(steps=2, batch=8, dropout=0.0), world, tmp_path / "sharded",
-                      mesh=parallel.make_mesh((4, 2, 1)))
+  sharded_cfg = _cfg(steps=2, batch=8, dropout=0.0)
+  sharded_cfg.sharding.rules = ((r"embed_tokens", ("fsdp", None)), (r"lm_head/kernel", (None, "fsdp")))
+  sharded, _ = _train(sharded_cfg, world, tmp_path / "sharded", mesh=parallel.make_mesh((4, 2, 1)))
   ref = _adapters(plain)
   for other in (_adapters(chunked), _adapters(sharded)):
     for k in ref:

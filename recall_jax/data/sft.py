@@ -1,0 +1,300 @@
+"""Supervised fine-tuning (generative) data from the synthetic world: teach the foundation model its oracle.
+
+Four tasks, all built from the training split's scene graphs (`Oracle`):
+  caption  Picture = an image, "Describe the garment."                       -> oracle.describe(image)
+  vqa      an image + a templated yes/no question (one true, one false each)   -> "yes" / "no"
+  rewrite  Stage 3's rewrite prompt (the calibrate stage's template files, minimal-JSON mode): Picture 1 = the
+           reference, Picture 2 = an informative-instance stand-in (a train image of the same category nearest to
+           the target for which the original text is false), the original text
+           -> {"segments": [{"original": <span>, "new": <span>}]} rebuilding the oracle's edit reference -> instance
+           (of its paraphrases, the one closest to the original text)
+  verify   Stage 3's verification prompt over (reference, candidate, text)   -> "yes" / "no" by oracle.judge,
+           balanced: (target, original) yes, (instance, original) no, (instance, rewrite) yes, (target, rewrite) no.
+
+An example is a chat prompt ending with the assistant header, followed by the answer and <|im_end|>. Prompt and
+answer are tokenised separately (so the answer's tokens are those the model generates after the header) and the
+labels are the answer tokens and <|im_end|> only; every other label is IGNORE. Batches hold one task each (one image
+count per batch: fixed vision shapes), are padded on the right to the smallest length bucket that fits, and their
+order is a pure function of (seed, epoch): a `grain.MapDataset` whose element i is batch i of the run.
+
+Batch arrays (B = batch size, k = images per example, P = patches of the image bucket, L = a length bucket):
+  input_ids int32 (B, L), attention_mask int32 (B, L), labels int32 (B, L) (IGNORE outside answers),
+  pixel_values float32 (B, k, P, D), image_grid_thw int64 (B, k, 3), valid bool (B,) (padding slots repeat an
+  example of the batch and have no labels), example_index int32 (B,) (-1 on padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any, Mapping, Optional, Sequence
+
+import grain
+import numpy as np
+
+from recall_jax.data import pipeline, prompts
+from recall_jax.data.records import DataError, Query
+from recall_jax.data.synthetic import language
+from recall_jax.data.synthetic.attributes import ATTRIBUTES, CATEGORIES, VALUES
+from recall_jax.data.synthetic.oracle import Oracle
+from recall_jax.generate import parse, prompt_files
+
+IGNORE = -100
+TASKS = ("caption", "vqa", "rewrite", "verify")
+CAPTION_INSTRUCTION = "Describe the garment."
+ANSWER_END = prompts.IM_END
+EDIT_VARIANTS = 16  # paraphrases of each oracle edit tried for the most minimal rewrite
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One generative example: `prompt` (chat format, image pads unexpanded, ends with the assistant header) with
+  `images` in prompt order, the `answer` the model should write after it, and its `source` (the image name, or the
+  query id of rewrite / verify examples)."""
+
+  task: str
+  images: tuple[str, ...]
+  prompt: str
+  answer: str
+  source: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  """tasks: which of TASKS to build; lengths: token length buckets; prompt_dir: the calibrate stage's template
+  directory ("" = packaged), so training and use share prompts; caption_join: how a query's captions become the
+  original text (as the mine stage joins them)."""
+
+  lengths: tuple[int, ...]
+  batch_size: int
+  tasks: tuple[str, ...] = TASKS
+  prompt_dir: str = ""
+  caption_join: str = "and"
+
+  def __post_init__(self):
+    unknown = set(self.tasks) - set(TASKS)
+    if unknown or not self.tasks:
+      raise ValueError(f"SFT tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
+    if not self.lengths or min(self.lengths) < 1:
+      raise ValueError(f"SFT length buckets must be positive, got {self.lengths}")
+    if self.batch_size < 1:
+      raise ValueError(f"SFT batch_size must be >= 1, got {self.batch_size}")
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+
+def caption_prompt() -> str:
+  return prompts.chat_prompt(None, prompts.picture_content(1, CAPTION_INSTRUCTION), add_vision_id=True)
+
+
+def question_prompt(question: str) -> str:
+  return prompts.chat_prompt(None, prompts.picture_content(1, question), add_vision_id=True)
+
+
+def two_picture_prompt(template: str, text: str) -> str:
+  """The calibrate stage's prompt layout: Picture 1, Picture 2, then the filled template."""
+  return prompts.multi_image_prompt(prompt_files.fill(template, text), num_images=2)
+
+
+def minimal_segments(original: str, new: str) -> list[dict[str, str]]:
+  """The shortest word-level segment list turning `original` into `new` under `parse.rebuild_from_spans`: the
+  common leading and trailing words are kept, the middle replaced (one segment; the whole text when the middle's
+  span would be found earlier in the text)."""
+  a, b = original.split(" "), new.split(" ")
+  head = 0
+  while head < min(len(a), len(b)) and a[head] == b[head]:
+    head += 1
+  tail = 0
+  while tail < min(len(a), len(b)) - head and a[-1 - tail] == b[-1 - tail]:
+    tail += 1
+  old_span = " ".join(a[head:len(a) - tail])
+  new_span = " ".join(b[head:len(b) - tail])
+  segments = [{"original": old_span, "new": new_span}]
+  if not old_span or parse.rebuild_from_spans(original, segments)[0] != parse.clean_text(new):
+    segments = [{"original": original, "new": new}]
+  return segments
+
+
+def rewrite_answer(original: str, new: str) -> str:
+  return json.dumps({"segments": minimal_segments(original, new)})
+
+
+# ----------------------------------------------------------------------------------------------- examples
+
+
+def _vqa_examples(oracle: Oracle, name: str, rng: np.random.Generator) -> list[Example]:
+  """One true and one false templated question about the image (attribute drawn per image)."""
+  g = oracle.garment(name)
+  attr = str(rng.choice(("category",) + ATTRIBUTES))
+  values = CATEGORIES if attr == "category" else VALUES[attr]
+  true_value = g.get(attr)
+  false_value = str(rng.choice([v for v in values if v != true_value]))
+  out = []
+  for value, answer in ((true_value, "yes"), (false_value, "no")):
+    question = language.question(attr, value)
+    if oracle.answer(name, question) != (answer == "yes"):
+      raise DataError(f"oracle disagrees with the templated question {question!r} on image {name!r}")
+    out.append(Example("vqa", (name,), question_prompt(question), answer, name))
+  return out
+
+
+def informative_instance(oracle: Oracle, query: Query, text: str, pool: Sequence[str]) -> Optional[str]:
+  """A stand-in for a mined informative instance: among the pool's images of the reference's category, other
+  than the reference and the targets, for which `text` is false, the one nearest to the target (fewest differing
+  attributes; ties by name). None when there is none."""
+  ref = oracle.garment(query.reference)
+  target = oracle.garment(query.target)
+  excluded = {query.reference, *query.targets}
+  same = [n for n in pool if n not in excluded and oracle.garment(n).category == ref.category]
+  for name in sorted(same, key=lambda n: (len(target.diff(oracle.garment(n))), n)):
+    if not oracle.judge(query.reference, text, name):
+      return name
+  return None
+
+
+def closest_edit(oracle: Oracle, reference: str, instance: str, original: str, variants: int = EDIT_VARIANTS) -> str:
+  """Among the oracle's paraphrases of the edit reference -> instance, the one whose segments against `original`
+  are shortest (the most minimal rewrite; ties by variant)."""
+  texts = [parse.clean_text(oracle.edit(reference, instance, variant=v)) for v in range(variants)]
+  return min(texts, key=lambda t: len(rewrite_answer(original, t)))
+
+
+def build_examples(queries: Sequence[Query], images: Mapping[str, str], cfg: SFTConfig, seed: int) -> list[Example]:
+  """Every example of the configured tasks over the training queries; `images` maps names to files with their
+  scene graphs beside them (CIRSplit.images). Deterministic in (queries, seed)."""
+  oracle = Oracle(images)
+  rng = np.random.default_rng(seed)
+  names = sorted({n for q in queries for n in (q.reference, *q.targets)})
+  out: list[Example] = []
+  if "caption" in cfg.tasks:
+    out += [Example("caption", (n,), caption_prompt(), oracle.describe(n), n) for n in names]
+  if "vqa" in cfg.tasks:
+    for n in names:
+      out += _vqa_examples(oracle, n, rng)
+  if {"rewrite", "verify"} & set(cfg.tasks):
+    rewrite_t = prompt_files.load_template(prompt_files.REWRITE_TEMPLATES["minimal_json"], cfg.prompt_dir)
+    verify_t = prompt_files.load_template(prompt_files.VERIFY_TEMPLATE, cfg.prompt_dir)
+    for k, q in enumerate(queries):
+      if q.target is None:
+        raise DataError(f"training query {q.qid!r} ({q.source}) has no target")
+      text = prompts.join_captions(q.captions, cfg.caption_join)
+      instance = informative_instance(oracle, q, text, names)
+      if instance is None:
+        continue
+      new = closest_edit(oracle, q.reference, instance, text)
+      if not oracle.judge(q.reference, new, instance):
+        raise DataError(f"oracle.edit({q.reference!r}, {instance!r}) = {new!r} is judged false by the oracle")
+      if "rewrite" in cfg.tasks:
+        out.append(Example("rewrite", (q.reference, instance), two_picture_prompt(rewrite_t, text),
+                           rewrite_answer(text, new), q.qid))
+      if "verify" in cfg.tasks:
+        for candidate, t in ((q.target, text), (instance, text), (instance, new), (q.target, new)):
+          answer = "yes" if oracle.judge(q.reference, t, candidate) else "no"
+          out.append(Example("verify", (q.reference, candidate), two_picture_prompt(verify_t, t), answer, q.qid))
+  if not out:
+    raise DataError(f"no SFT examples from {len(queries)} queries for tasks {cfg.tasks}")
+  return out
+
+
+# --------------------------------------------------------------------------------------------- tokenising
+
+
+def tokenize_example(tokenizer: Any, example: Example, image_token_counts: Sequence[int]) -> tuple[list[int],
+                                                                                                   list[int]]:
+  """(ids, labels): prompt (image pads expanded) + answer + <|im_end|>; labels IGNORE except on answer + end."""
+  prompt_ids = tokenizer(prompts.expand_image_pads(example.prompt, image_token_counts),
+                         add_special_tokens=False)["input_ids"]
+  answer_ids = tokenizer(example.answer + ANSWER_END, add_special_tokens=False)["input_ids"]
+  return list(prompt_ids) + list(answer_ids), [IGNORE] * len(prompt_ids) + list(answer_ids)
+
+
+class _BatchEncoder:
+  """Batch plan entry -> batch arrays; picklable (Grain workers)."""
+
+  def __init__(self, examples: Sequence[Example], load: pipeline.ImageLoader, tokenizer: Any,
+               encode_cfg: pipeline.EncodeConfig, lengths: Sequence[int]):
+    self.examples = tuple(examples)
+    self.load = load
+    self.tokenizer = tokenizer
+    self.encode_cfg = encode_cfg
+    self.lengths = tuple(sorted(lengths))
+
+  def __call__(self, slots: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    index = np.asarray(slots["index"])
+    valid = index >= 0
+    fill = int(index[valid][0])
+    chosen = [self.examples[int(i) if i >= 0 else fill] for i in index]
+    per_example = {len(e.images) for e in chosen}
+    if len(per_example) != 1:
+      raise ValueError(f"an SFT batch must hold one image count per example, got {sorted(per_example)}")
+    names = [n for e in chosen for n in e.images]
+    distinct = list(dict.fromkeys(names))
+    pixels, grids = pipeline.encode_images([self.load(n) for n in distinct], self.encode_cfg)
+    rows = [distinct.index(n) for n in names]
+    k = per_example.pop()
+    merge = self.encode_cfg.merge_size ** 2
+    tokens = [tokenize_example(self.tokenizer, e, [int(np.prod(grids[rows[j * k + i]])) // merge for i in range(k)])
+              for j, e in enumerate(chosen)]
+    longest = max(len(ids) for ids, _ in tokens)
+    if longest > self.lengths[-1]:
+      raise ValueError(f"an SFT example of task {chosen[0].task!r} has {longest} tokens, more than the largest length "
+                       f"bucket {self.lengths[-1]} (config teach.lengths)")
+    length = next(b for b in self.lengths if b >= longest)
+    b = len(chosen)
+    input_ids = np.full((b, length), self.tokenizer.pad_token_id, np.int32)
+    attention_mask = np.zeros((b, length), np.int32)
+    labels = np.full((b, length), IGNORE, np.int32)
+    for j, (ids, lab) in enumerate(tokens):
+      input_ids[j, :len(ids)] = ids
+      attention_mask[j, :len(ids)] = 1
+      if valid[j]:
+        labels[j, :len(lab)] = lab
+    return {
+        "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+        "pixel_values": pixels[rows].reshape(b, k, *pixels.shape[1:]),
+        "image_grid_thw": grids[rows].reshape(b, k, 3),
+        "valid": valid, "example_index": index.astype(np.int32),
+    }
+
+
+class _EpochPlan:
+  """Element i -> batch i of the run: epochs laid end to end, each a fixed number of single-task batches whose
+  order and contents are drawn from (seed, epoch)."""
+
+  def __init__(self, tasks: Sequence[str], batch_size: int, seed: int, num_epochs: Optional[int]):
+    self.by_task = [np.flatnonzero(np.asarray(tasks) == t) for t in dict.fromkeys(tasks)]
+    self.batch_size = batch_size
+    self.seed = seed
+    self.num_epochs = num_epochs
+    self.batches_per_epoch = sum(-(-len(ix) // batch_size) for ix in self.by_task)
+
+  def __len__(self) -> int:
+    return sys.maxsize if self.num_epochs is None else self.num_epochs * self.batches_per_epoch
+
+  def epoch(self, epoch: int) -> list[np.ndarray]:
+    rng = np.random.default_rng([self.seed, epoch])
+    batches = []
+    for ix in self.by_task:
+      order = rng.permutation(ix)
+      padded = np.full(-(-len(order) // self.batch_size) * self.batch_size, -1, np.int64)
+      padded[:len(order)] = order
+      batches += list(padded.reshape(-1, self.batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    if i < 0 or i >= len(self):
+      raise IndexError(f"SFT batch {i} is outside the {self.num_epochs} planned epochs")
+    epoch, b = divmod(i, self.batches_per_epoch)
+    return {"epoch": epoch, "index": self.epoch(epoch)[b]}
+
+
+def sft_dataset(examples: Sequence[Example], *, load: pipeline.ImageLoader, tokenizer: Any,
+                encode_cfg: pipeline.EncodeConfig, cfg: SFTConfig, seed: int,
+                num_epochs: Optional[int] = None) -> grain.MapDataset:
+  """Fixed-shape batches of `examples` (one task per batch), epochs end to end (forever when num_epochs is None)."""
+  if not examples:
+    raise ValueError("sft_dataset needs at least one example")
+  plan = _EpochPlan([e.task for e in examples], cfg.batch_size, seed, num_epochs)
+  return grain.MapDataset.source(plan).map(_BatchEncoder(examples, load, tokenizer, encode_cfg, cfg.lengths))

@@ -1,0 +1,135 @@
+"""SFT data from the synthetic world: answers agree with the oracle, prompts are the calibrate stage's, labels cover
+exactly the answer tokens, and batches are fixed-shape and a pure function of (seed, epoch)."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from recall_jax.data import pipeline, prompts, sft
+from recall_jax.data.image import ImageBuckets
+from recall_jax.data.readers import read_fashioniq
+from recall_jax.data.synthetic import Oracle, generate_world
+from recall_jax.generate import parse, prompt_files
+from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
+from recall_jax.stages import calibrate
+
+LENGTHS = (128, 512, 1280)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  root = tmp_path_factory.mktemp("world")
+  generate_world(root, scale={"fashioniq": {"train": 6, "val": 1, "test": 1}}, layouts=("fashioniq",),
+                 image_size=56, seed=0)
+  splits = read_fashioniq(root / "fashioniq", "train")
+  images = {}
+  for s in splits:
+    images.update(s.images)
+  return [q for s in splits for q in s.queries], images
+
+
+@pytest.fixture(scope="module")
+def examples(world):
+  queries, images = world
+  return sft.build_examples(queries, images, sft.SFTConfig(lengths=LENGTHS, batch_size=4), seed=0)
+
+
+def _dataset(world, examples, seed=0, batch_size=4):
+  _, images = world
+  enc = pipeline.EncodeConfig(image_buckets=ImageBuckets.square(56), query_lengths=(256,), target_lengths=(128,))
+  return sft.sft_dataset(examples, load=pipeline.FileImages(images), tokenizer=build_tiny_tokenizer(),
+                         encode_cfg=enc, cfg=sft.SFTConfig(lengths=LENGTHS, batch_size=batch_size), seed=seed)
+
+
+def test_answers_agree_with_the_oracle(world, examples):
+  queries, images = world
+  oracle = Oracle(images)
+  by_qid = {q.qid: q for q in queries}
+  tasks = collections.Counter(e.task for e in examples)
+  assert set(tasks) == set(sft.TASKS) and tasks["rewrite"] >= len(queries) // 2
+  vqa = [e for e in examples if e.task == "vqa"]
+  assert [e.answer for e in vqa].count("yes") == [e.answer for e in vqa].count("no") > 0
+  for e in examples:
+    if e.task == "caption":
+      assert e.answer == oracle.describe(e.images[0])
+    elif e.task == "vqa":
+      question = e.prompt.split(prompts.IMAGE_PLACEHOLDER)[1].split(prompts.IM_END)[0]
+      assert oracle.answer(e.images[0], question) == (e.answer == "yes")
+    elif e.task == "rewrite":
+      q = by_qid[e.source]
+      original = prompts.join_captions(q.captions)
+      reference, instance = e.images
+      assert reference == q.reference and instance not in q.targets
+      assert not oracle.judge(reference, original, instance)  # a real failure of the original text
+      result = parse.parse_rewrite(e.answer, original, "minimal_json")
+      assert result.reason == parse.OK, e.answer
+      assert oracle.judge(reference, result.text, instance), (original, result.text)
+    else:
+      text = e.prompt.split('Instruction: "')[1].split('"\n')[0]
+      assert oracle.judge(e.images[0], text, e.images[1]) == (e.answer == "yes")
+  verify = [e.answer for e in examples if e.task == "verify"]
+  assert verify.count("yes") == verify.count("no")
+
+
+def test_prompts_are_the_calibrate_stage_prompts(world, examples):
+  queries, _ = world
+  rewrite_t = prompt_files.load_template(prompt_files.REWRITE_TEMPLATES["minimal_json"])
+  verify_t = prompt_files.load_template(prompt_files.VERIFY_TEMPLATE)
+  by_qid = {q.qid: q for q in queries}
+  e = next(e for e in examples if e.task == "rewrite")
+  assert e.prompt == calibrate.two_picture_prompt(rewrite_t, prompts.join_captions(by_qid[e.source].captions))
+  e = next(e for e in examples if e.task == "verify")
+  assert e.prompt == calibrate.two_picture_prompt(verify_t, prompts.join_captions(by_qid[e.source].captions))
+
+
+def test_labels_are_exactly_the_answer_tokens(world, examples):
+  ds = _dataset(world, examples)
+  tokenizer = build_tiny_tokenizer()
+  seen = 0
+  for i in range(8):
+    batch = ds[i]
+    assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[1] in LENGTHS
+    for row in range(len(batch["valid"])):
+      labels, ids = batch["labels"][row], batch["input_ids"][row]
+      if not batch["valid"][row]:
+        assert np.all(labels == sft.IGNORE)
+        continue
+      e = examples[batch["example_index"][row]]
+      trained = labels != sft.IGNORE
+      assert np.array_equal(labels[trained], ids[trained])  # labels are the inputs (shifted in the loss)
+      assert tokenizer.decode(labels[trained]) == e.answer + prompts.IM_END
+      end = int(batch["attention_mask"][row].sum())
+      assert trained[end - 1] and not trained[:end][:-len(labels[trained])].any()  # one span at the very end
+      seen += 1
+  assert seen > 8
+
+
+def test_batches_are_deterministic_and_cover_every_example_each_epoch(world, examples):
+  ds, again, other = _dataset(world, examples), _dataset(world, examples), _dataset(world, examples, seed=1)
+  per_epoch = sum(-(-n // 4) for n in collections.Counter(e.task for e in examples).values())
+  first = [ds[i]["example_index"] for i in range(per_epoch)]
+  for i in (0, 3, per_epoch + 2):
+    a, b = ds[i], again[i]
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  covered = np.concatenate(first)
+  assert sorted(covered[covered >= 0].tolist()) == list(range(len(examples)))
+  second = np.concatenate([ds[per_epoch + i]["example_index"] for i in range(per_epoch)])
+  assert sorted(second[second >= 0].tolist()) == list(range(len(examples)))
+  assert not np.array_equal(covered, second)
+  assert not np.array_equal(covered, np.concatenate([other[i]["example_index"] for i in range(per_epoch)]))
+  for i in range(per_epoch):  # one task (so one image count) per batch
+    assert len({examples[j].task for j in first[i] if j >= 0}) == 1
+
+
+def test_errors_name_the_config(world, examples):
+  with pytest.raises(ValueError, match="tasks"):
+    sft.SFTConfig(lengths=LENGTHS, batch_size=4, tasks=("caption", "poem"))
+  _, images = world
+  enc = pipeline.EncodeConfig(image_buckets=ImageBuckets.square(56), query_lengths=(256,), target_lengths=(128,))
+  rewrites = [e for e in examples if e.task == "rewrite"]
+  ds = sft.sft_dataset(rewrites, load=pipeline.FileImages(images), tokenizer=build_tiny_tokenizer(), encode_cfg=enc,
+                       cfg=sft.SFTConfig(lengths=(512,), batch_size=2), seed=0)
+  with pytest.raises(ValueError, match="teach.lengths"):
+    ds[0]

@@ -1,0 +1,79 @@
+"""The teach stage on the tiny world: a fine-tuned Hugging Face checkpoint (full fine-tuning by regex, or LoRA merged
+into the base) that the calibrate stage then takes as its foundation model."""
+
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import demo
+from recall_jax import main
+from recall_jax.models import qwen2_5_vl
+from recall_jax.stages import artifacts, common, prepare, teach
+
+
+def _config(trainable_regex):
+  cfg = demo.get_config()
+  cfg.world.scale = "tiny"
+  cfg.world.image_size = 56
+  cfg.data.image_buckets = 56
+  cfg.data.dataset = "cirr"
+  cfg.teach.tasks = ("caption", "verify")
+  cfg.teach.lengths = (128, 768)
+  cfg.teach.batch_size = 2
+  cfg.teach.steps = 2
+  cfg.teach.log_every = 1
+  cfg.teach.trainable_regex = trainable_regex
+  cfg.teach.lora.rank = 4
+  cfg.teach.optim.lr = 1e-2
+  cfg.teach.optim.warmup_fraction = 0.0
+  cfg.mesh.shape = (2, 1, 4)  # the 8 test devices; the batch of 2 splits over data
+  return cfg
+
+
+def _params(path):
+  model = qwen2_5_vl.from_pretrained(path)
+  return {".".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("teach"))
+  main.run(_config(".*"), workdir, ["prepare"])
+  return workdir
+
+
+def _teach(prepared, tmp_path, regex):
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  os.symlink(os.path.join(prepared, "prepare"), os.path.join(workdir, "prepare"))  # share the world and base
+  cfg = _config(regex)
+  assert common.foundation_checkpoint(cfg, workdir) == prepare.checkpoint_dir(cfg, workdir)
+  main.run(cfg, workdir, ["teach"])
+  manifest = artifacts.read_manifest(workdir, "teach")
+  return cfg, workdir, manifest
+
+
+def test_full_fine_tuning_writes_the_checkpoint_calibrate_uses(prepared, tmp_path):
+  cfg, workdir, manifest = _teach(prepared, tmp_path, ".*")
+  path = os.path.join(workdir, "teach", teach.CHECKPOINT)
+  assert manifest["checkpoint"] == path and manifest["steps"] == 2
+  assert set(manifest["examples_by_task"]) == {"caption", "verify"}
+  assert np.isfinite(manifest["last_train_metrics"]["loss"])
+  assert os.path.exists(os.path.join(path, "tokenizer_config.json"))
+  assert common.foundation_checkpoint(cfg, workdir) == path
+  base, taught = _params(prepare.checkpoint_dir(cfg, workdir)), _params(path)
+  assert base.keys() == taught.keys()
+  for name in ("language_model.embed_tokens.embedding", "lm_head.kernel", "visual.patch_embed.proj.kernel"):
+    assert not np.array_equal(base[name], taught[name]), name
+
+
+def test_lora_is_merged_into_the_targets_only(prepared, tmp_path):
+  cfg, workdir, manifest = _teach(prepared, tmp_path, "")
+  assert manifest["mode"].startswith("LoRA rank 4")
+  base, taught = _params(prepare.checkpoint_dir(cfg, workdir)), _params(manifest["checkpoint"])
+  assert base.keys() == taught.keys()  # a plain checkpoint: adapters merged, none left
+  changed = {k for k in base if not np.array_equal(base[k], taught[k])}
+  assert changed and all(k.startswith("language_model.layers.") and k.endswith("_proj.kernel") for k in changed)
+  assert "language_model.layers.0.self_attn.q_proj.kernel" in changed
