@@ -12,6 +12,7 @@ from configs import base
 
 def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()
+  # Add "teach" after prepare to fine-tune the foundation model on the world first (generative objective; ~6 min).
   c.stages = "prepare,adapt,mine,calibrate,refine,evaluate"
   c.model.checkpoint = ""  # the prepare stage writes a tiny random checkpoint into the workdir
   c.model.dtype = "float32"
@@ -37,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mine.max_per_query = 1  # ReCALL's FashionIQ setting
   c.calibrate.batch_size = 8
   c.calibrate.max_records = 64  # the random model writes noise: a sample shows the mechanics
+  c.calibrate.max_new_tokens = 192  # byte-level tokens: a rewrite answer is 60-320 of them
   c.refine.steps = 150
   c.refine.margin = 0.2
   return c
