@@ -22,7 +22,7 @@ def maybe_initialize_distributed() -> None:
   """Calls jax.distributed.initialize when launched as one of several processes.
 
   Cluster launchers (SLURM, TPU pods) are auto-detected by JAX; an explicit coordinator can be given through
-  RECALL_COORDINATOR / RECALL_NUM_PROCESSES / RECALL_PROCESS_ID (used by launch/local_multiprocess.sh).
+  RECALL_COORDINATOR / RECALL_NUM_PROCESSES / RECALL_PROCESS_ID.
   """
   if os.environ.get("RECALL_COORDINATOR"):
     jax.distributed.initialize(
