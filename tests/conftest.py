@@ -8,3 +8,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def fashioniq_train(tmp_path_factory):
+  """(training queries, image name -> path) of a tiny synthetic world in the FashionIQ layout: 6 triplets per
+  category, 56 px images."""
+  from recall_jax.data.readers import read_fashioniq
+  from recall_jax.data.synthetic import generate_world
+  root = tmp_path_factory.mktemp("fashioniq_world")
+  generate_world(root, scale={"fashioniq": {"train": 6, "val": 1, "test": 1}}, layouts=("fashioniq",),
+                 image_size=56, seed=0)
+  splits = read_fashioniq(root / "fashioniq", "train")
+  return [q for s in splits for q in s.queries], {k: v for s in splits for k, v in s.images.items()}

@@ -22,7 +22,7 @@ from flax import nnx
 
 from recall_jax.data.sft import IGNORE
 from recall_jax.models.qwen2_5_vl.positions import position_ids_for
-from recall_jax.models.qwen2_5_vl.vision_geometry import vision_geometry
+from recall_jax.train import step as step_lib
 from recall_jax.train.step import reseeded
 
 
@@ -51,11 +51,6 @@ def params_matching(regex: str):
   return match
 
 
-@functools.lru_cache(maxsize=32)
-def _geometry(vision_cfg, grid: tuple[int, int, int], images: int) -> dict[str, np.ndarray]:
-  return vision_geometry(np.asarray([grid] * images, np.int64), vision_cfg)
-
-
 def host_batch(model_cfg, batch: dict[str, np.ndarray], *, step_seed: int
                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """An SFT batch -> (per-example arrays, vision geometry of its B * k images). All images must share one bucket.
@@ -77,19 +72,12 @@ def host_batch(model_cfg, batch: dict[str, np.ndarray], *, step_seed: int
       "pixel_values": np.asarray(batch["pixel_values"][:, :, :patches], np.float32).reshape(b, k * patches, -1),
       "seed": (np.uint32(step_seed) * np.uint32(1_000_003) + np.arange(b, dtype=np.uint32)).astype(np.uint32),
   }
-  return arrays, _geometry(model_cfg.vision, tuple(int(g) for g in flat[0]), b * k)
+  return arrays, step_lib.batch_geometry(model_cfg.vision, tuple(int(g) for g in flat[0]), b * k)
 
 
 def logits(model, arrays: dict[str, jax.Array], geometry: dict[str, jax.Array]) -> jax.Array:
   """The model's fp32 logits (B, L, V) for a `host_batch` layout."""
-  inputs = {
-      "input_ids": arrays["input_ids"],
-      "attention_mask": arrays["attention_mask"],
-      "position_ids": jnp.swapaxes(arrays["position_ids"], 0, 1),
-      "pixel_values": arrays["pixel_values"].reshape(-1, arrays["pixel_values"].shape[-1]),
-      "vision": geometry,
-  }
-  return model.logits(model.hidden_states(inputs)).astype(jnp.float32)
+  return model.logits(model.hidden_states(step_lib.model_inputs(arrays, geometry))).astype(jnp.float32)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):

@@ -50,7 +50,8 @@ def contrastive_loss(q: jax.Array, t: jax.Array, batch: dict[str, Any], cfg: Los
 
 
 @functools.lru_cache(maxsize=32)
-def _geometry(vision_cfg, grid: tuple[int, int, int], images: int) -> dict[str, np.ndarray]:
+def batch_geometry(vision_cfg, grid: tuple[int, int, int], images: int) -> dict[str, np.ndarray]:
+  """Vision geometry of `images` images of one grid (host numpy, cached: one per bucket and call size)."""
   return vision_geometry(np.asarray([grid] * images, np.int64), vision_cfg)
 
 
@@ -75,7 +76,7 @@ def host_batch(model_cfg, batch: dict[str, np.ndarray], *, images_per_call: int,
         "position_ids": np.swapaxes(position_ids_for(model_cfg, ids, mask, grids), 0, 1).astype(np.int32),
         "pixel_values": np.asarray(batch[f"{side}_pixel_values"][:, :patches], np.float32),
     }
-    geometry[side] = _geometry(model_cfg.vision, tuple(int(g) for g in grids[0]), images_per_call)
+    geometry[side] = batch_geometry(model_cfg.vision, tuple(int(g) for g in grids[0]), images_per_call)
   b = len(batch["valid"])
   out["valid"] = np.asarray(batch["valid"], bool)
   out["target_ids"] = np.asarray(batch["target_ids"], np.int32)
@@ -84,15 +85,19 @@ def host_batch(model_cfg, batch: dict[str, np.ndarray], *, images_per_call: int,
   return out, geometry
 
 
-def embed_side(model, side: dict[str, jax.Array], geometry: dict[str, jax.Array]) -> jax.Array:
-  inputs = {
-      "input_ids": side["input_ids"],
-      "attention_mask": side["attention_mask"],
-      "position_ids": jnp.swapaxes(side["position_ids"], 0, 1),
-      "pixel_values": side["pixel_values"].reshape(-1, side["pixel_values"].shape[-1]),
+def model_inputs(arrays: dict[str, jax.Array], geometry: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The per-example layout of `host_batch` (position ids (B, 3, L), pixels (B, P, D)) -> `model.prepare`'s."""
+  return {
+      "input_ids": arrays["input_ids"],
+      "attention_mask": arrays["attention_mask"],
+      "position_ids": jnp.swapaxes(arrays["position_ids"], 0, 1),
+      "pixel_values": arrays["pixel_values"].reshape(-1, arrays["pixel_values"].shape[-1]),
       "vision": geometry,
   }
-  return embed.embed(model, inputs)
+
+
+def embed_side(model, side: dict[str, jax.Array], geometry: dict[str, jax.Array]) -> jax.Array:
+  return embed.embed(model, model_inputs(side, geometry))
 
 
 def reseeded(rng_state, key: jax.Array):

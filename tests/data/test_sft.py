@@ -8,8 +8,7 @@ import pytest
 
 from recall_jax.data import pipeline, prompts, sft
 from recall_jax.data.image import ImageBuckets
-from recall_jax.data.readers import read_fashioniq
-from recall_jax.data.synthetic import Oracle, generate_world
+from recall_jax.data.synthetic import Oracle
 from recall_jax.generate import parse, prompt_files
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
 from recall_jax.stages import calibrate
@@ -18,32 +17,20 @@ LENGTHS = (128, 512, 1280)
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  root = tmp_path_factory.mktemp("world")
-  generate_world(root, scale={"fashioniq": {"train": 6, "val": 1, "test": 1}}, layouts=("fashioniq",),
-                 image_size=56, seed=0)
-  splits = read_fashioniq(root / "fashioniq", "train")
-  images = {}
-  for s in splits:
-    images.update(s.images)
-  return [q for s in splits for q in s.queries], images
-
-
-@pytest.fixture(scope="module")
-def examples(world):
-  queries, images = world
+def examples(fashioniq_train):
+  queries, images = fashioniq_train
   return sft.build_examples(queries, images, sft.SFTConfig(lengths=LENGTHS, batch_size=4), seed=0)
 
 
-def _dataset(world, examples, seed=0, batch_size=4):
-  _, images = world
+def _dataset(fashioniq_train, examples, seed=0, batch_size=4):
+  _, images = fashioniq_train
   enc = pipeline.EncodeConfig(image_buckets=ImageBuckets.square(56), query_lengths=(256,), target_lengths=(128,))
   return sft.sft_dataset(examples, load=pipeline.FileImages(images), tokenizer=build_tiny_tokenizer(),
                          encode_cfg=enc, cfg=sft.SFTConfig(lengths=LENGTHS, batch_size=batch_size), seed=seed)
 
 
-def test_answers_agree_with_the_oracle(world, examples):
-  queries, images = world
+def test_answers_agree_with_the_oracle(fashioniq_train, examples):
+  queries, images = fashioniq_train
   oracle = Oracle(images)
   by_qid = {q.qid: q for q in queries}
   tasks = collections.Counter(e.task for e in examples)
@@ -72,8 +59,8 @@ def test_answers_agree_with_the_oracle(world, examples):
   assert verify.count("yes") == verify.count("no")
 
 
-def test_prompts_are_the_calibrate_stage_prompts(world, examples):
-  queries, _ = world
+def test_prompts_are_the_calibrate_stage_prompts(fashioniq_train, examples):
+  queries, _ = fashioniq_train
   rewrite_t = prompt_files.load_template(prompt_files.REWRITE_TEMPLATES["minimal_json"])
   verify_t = prompt_files.load_template(prompt_files.VERIFY_TEMPLATE)
   by_qid = {q.qid: q for q in queries}
@@ -83,8 +70,8 @@ def test_prompts_are_the_calibrate_stage_prompts(world, examples):
   assert e.prompt == calibrate.two_picture_prompt(verify_t, prompts.join_captions(by_qid[e.source].captions))
 
 
-def test_labels_are_exactly_the_answer_tokens(world, examples):
-  ds = _dataset(world, examples)
+def test_labels_are_exactly_the_answer_tokens(fashioniq_train, examples):
+  ds = _dataset(fashioniq_train, examples)
   tokenizer = build_tiny_tokenizer()
   seen = 0
   for i in range(8):
@@ -105,8 +92,8 @@ def test_labels_are_exactly_the_answer_tokens(world, examples):
   assert seen > 8
 
 
-def test_batches_are_deterministic_and_cover_every_example_each_epoch(world, examples):
-  ds, again, other = _dataset(world, examples), _dataset(world, examples), _dataset(world, examples, seed=1)
+def test_batches_are_deterministic_and_cover_every_example_each_epoch(fashioniq_train, examples):
+  ds, again, other = _dataset(fashioniq_train, examples), _dataset(fashioniq_train, examples), _dataset(fashioniq_train, examples, seed=1)
   per_epoch = sum(-(-n // 4) for n in collections.Counter(e.task for e in examples).values())
   first = [ds[i]["example_index"] for i in range(per_epoch)]
   for i in (0, 3, per_epoch + 2):
@@ -123,10 +110,10 @@ def test_batches_are_deterministic_and_cover_every_example_each_epoch(world, exa
     assert len({examples[j].task for j in first[i] if j >= 0}) == 1
 
 
-def test_errors_name_the_config(world, examples):
+def test_errors_name_the_config(fashioniq_train, examples):
   with pytest.raises(ValueError, match="tasks"):
     sft.SFTConfig(lengths=LENGTHS, batch_size=4, tasks=("caption", "poem"))
-  _, images = world
+  _, images = fashioniq_train
   enc = pipeline.EncodeConfig(image_buckets=ImageBuckets.square(56), query_lengths=(256,), target_lengths=(128,))
   rewrites = [e for e in examples if e.task == "rewrite"]
   ds = sft.sft_dataset(rewrites, load=pipeline.FileImages(images), tokenizer=build_tiny_tokenizer(), encode_cfg=enc,

@@ -13,8 +13,6 @@ from flax import nnx
 
 from recall_jax.data import pipeline, sft
 from recall_jax.data.image import ImageBuckets
-from recall_jax.data.readers import read_fashioniq
-from recall_jax.data.synthetic import generate_world
 from recall_jax.models import qwen2_5_vl
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
 from recall_jax.train import generative
@@ -24,16 +22,9 @@ LM_REGEX = r"language_model\..*|lm_head\..*"
 
 
 @pytest.fixture(scope="module")
-def batches(tmp_path_factory):
+def batches(fashioniq_train):
   """One caption batch (1 image per example) and one verify batch (2 images) of the tiny world."""
-  root = tmp_path_factory.mktemp("world")
-  generate_world(root, scale={"fashioniq": {"train": 3, "val": 1, "test": 1}}, layouts=("fashioniq",),
-                 image_size=56, seed=0)
-  splits = read_fashioniq(root / "fashioniq", "train")
-  images = {}
-  for s in splits:
-    images.update(s.images)
-  queries = [q for s in splits for q in s.queries]
+  queries, images = fashioniq_train
   cfg = sft.SFTConfig(lengths=(128, 640), batch_size=2, tasks=("caption", "verify"))
   examples = sft.build_examples(queries, images, cfg, seed=0)
   enc = pipeline.EncodeConfig(image_buckets=ImageBuckets.square(56), query_lengths=(256,), target_lengths=(128,))

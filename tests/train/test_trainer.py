@@ -10,23 +10,9 @@ from configs import demo
 from recall_jax import parallel
 from recall_jax.data import pipeline
 from recall_jax.data.image import ImageBuckets
-from recall_jax.data.readers import read_fashioniq
-from recall_jax.data.synthetic import generate_world
 from recall_jax.models import qwen2_5_vl
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
 from recall_jax.train import trainer
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  root = tmp_path_factory.mktemp("world")
-  generate_world(root, scale={"fashioniq": {"train": 6, "val": 1, "test": 1}}, layouts=("fashioniq",),
-                 image_size=56, seed=0)
-  splits = read_fashioniq(root / "fashioniq", "train")
-  images = {}
-  for s in splits:
-    images.update(s.images)
-  return [q for s in splits for q in s.queries], images
 
 
 def _cfg(steps=6, batch=4, chunk=0, dropout=0.1):
@@ -39,8 +25,8 @@ def _cfg(steps=6, batch=4, chunk=0, dropout=0.1):
   return cfg
 
 
-def _train(cfg, world, out, mesh=None, stop_after=None):
-  queries, images = world
+def _train(cfg, fashioniq_train, out, mesh=None, stop_after=None):
+  queries, images = fashioniq_train
   model = qwen2_5_vl.Qwen25VLModel(qwen2_5_vl.tiny_config(), rngs=nnx.Rngs(0))
   enc = pipeline.EncodeConfig(image_buckets=ImageBuckets.square(56), query_lengths=(256,), target_lengths=(128,))
   result = trainer.train(cfg, model, build_tiny_tokenizer(), queries, dataset="fashioniq",
@@ -53,13 +39,13 @@ def _adapters(model):
   return {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
 
 
-def test_resume_after_interruption_equals_uninterrupted(world, tmp_path):
-  straight, r1 = _train(_cfg(), world, tmp_path / "straight")
+def test_resume_after_interruption_equals_uninterrupted(fashioniq_train, tmp_path):
+  straight, r1 = _train(_cfg(), fashioniq_train, tmp_path / "straight")
   assert r1.steps == 6 and (tmp_path / "straight" / "adapters" / "adapter_model.safetensors").exists()
 
-  _, r_half = _train(_cfg(), world, tmp_path / "resumed", stop_after=3)  # "killed" after the step-3 checkpoint
+  _, r_half = _train(_cfg(), fashioniq_train, tmp_path / "resumed", stop_after=3)  # "killed" after the step-3 checkpoint
   assert r_half.steps == 3 and not (tmp_path / "resumed" / "adapters").exists()
-  resumed, r2 = _train(_cfg(), world, tmp_path / "resumed")  # a fresh process: new model, new iterator
+  resumed, r2 = _train(_cfg(), fashioniq_train, tmp_path / "resumed")  # a fresh process: new model, new iterator
   assert r2.steps == 6
   a, b = _adapters(straight), _adapters(resumed)
   assert a.keys() == b.keys() and len(a) > 0
@@ -79,12 +65,12 @@ def test_place_by_rules_shards_matching_params_and_replicates_the_rest():
   assert flat["lm_head/kernel"].sharding.is_fully_replicated and len(flat["lm_head/kernel"].sharding.device_set) == 8
 
 
-def test_gradcache_and_sharding_equal_the_plain_step(world, tmp_path):
-  plain, _ = _train(_cfg(steps=2, batch=8, dropout=0.0), world, tmp_path / "plain")
-  chunked, _ = _train(_cfg(steps=2, batch=8, chunk=2, dropout=0.0), world, tmp_path / "chunked")
+def test_gradcache_and_sharding_equal_the_plain_step(fashioniq_train, tmp_path):
+  plain, _ = _train(_cfg(steps=2, batch=8, dropout=0.0), fashioniq_train, tmp_path / "plain")
+  chunked, _ = _train(_cfg(steps=2, batch=8, chunk=2, dropout=0.0), fashioniq_train, tmp_path / "chunked")
   sharded_cfg = _cfg(steps=2, batch=8, dropout=0.0)
   sharded_cfg.sharding.rules = ((r"embed_tokens", ("fsdp", None)), (r"lm_head/kernel", (None, "fsdp")))
-  sharded, _ = _train(sharded_cfg, world, tmp_path / "sharded", mesh=parallel.make_mesh((4, 2, 1)))
+  sharded, _ = _train(sharded_cfg, fashioniq_train, tmp_path / "sharded", mesh=parallel.make_mesh((4, 2, 1)))
   ref = _adapters(plain)
   for other in (_adapters(chunked), _adapters(sharded)):
     for k in ref:
