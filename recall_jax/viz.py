@@ -44,7 +44,8 @@ def contact_sheet_rows(
     draw.text((pad, 4), title, fill="black", font=_font(14))
   for r, row in enumerate(rows):
     y = head + r * row_h + pad
-    wrapped = textwrap.fill(row["text"], width=max(10, text_width // 7))
+    # Wrap line by line: explicit newlines (e.g. original vs new text) stay visible.
+    wrapped = "\n".join(textwrap.fill(line, width=max(10, text_width // 7)) for line in row["text"].split("\n"))
     draw.multiline_text((pad, y), wrapped, fill="black", font=font, spacing=2)
     for c, (name, label, border) in enumerate(row["images"]):
       x = text_width + c * (thumb + pad)
