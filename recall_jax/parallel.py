@@ -59,6 +59,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
 
 
+def rules_from_config(cfg) -> list[tuple[str, tuple]]:
+  """Config `sharding.rules`: [(regex over parameter paths, PartitionSpec entries), ...]; none -> replicated."""
+  rules = cfg.sharding.rules if "sharding" in cfg else ()
+  return [(pattern, tuple(spec)) for pattern, spec in rules]
+
+
 def spec_for(path: str, rules: Sequence[tuple[str, Sequence[str | None]]], ndim: int) -> P:
   """PartitionSpec of the first rule whose regex matches `path` (re.search); replicated when none matches.
 

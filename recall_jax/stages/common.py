@@ -22,9 +22,9 @@ def load_base_model(cfg: ConfigDict, workdir: str, checkpoint: str | None = None
   if cfg.model.dtype not in DTYPES:
     raise ValueError(f"config model.dtype must be one of {sorted(DTYPES)}, got {cfg.model.dtype!r}")
   path = checkpoint or prepare.checkpoint_dir(cfg, workdir)
-  from recall_jax.train.trainer import sharding_rules
+  from recall_jax import parallel
   model = qwen2_5_vl.from_pretrained(path, dtype=DTYPES[cfg.model.dtype], mesh=mesh,
-                                     shardings=(sharding_rules(cfg) or None) if mesh is not None else None,
+                                     shardings=(parallel.rules_from_config(cfg) or None) if mesh is not None else None,
                                      position_mode=cfg.model.position_mode)
   return model, AutoTokenizer.from_pretrained(path)
 

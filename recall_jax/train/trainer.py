@@ -58,12 +58,6 @@ def add_adapters(model, cfg: ConfigDict, seed: int) -> list[str]:
                          rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
 
-def sharding_rules(cfg: ConfigDict) -> list[tuple[str, tuple]]:
-  """Config `sharding.rules`: [(regex over parameter paths, PartitionSpec entries), ...]."""
-  rules = cfg.get("sharding", {}).get("rules", ()) if "sharding" in cfg else ()
-  return [(pattern, tuple(spec)) for pattern, spec in rules]
-
-
 def loss_config(cfg: ConfigDict) -> step_lib.LossConfig:
   c = cfg.loss
   return step_lib.LossConfig(temperature=c.temperature, infonce_weight=c.infonce_weight,
@@ -148,7 +142,7 @@ def train(cfg: ConfigDict, model, tokenizer, queries: Sequence[Query], *, datase
       make_step=lambda graphdef, tx: step_lib.make_train_step(graphdef, tx, loss_config(cfg), num_chunks=num_chunks))
   result = fit(model, objective, train_cfg=t, optim_cfg=cfg.optim, seed=cfg.seed, out_dir=out_dir, eval_fn=eval_fn,
                mesh=mesh or parallel.make_mesh(tuple(cfg.mesh.shape)), stop_after=stop_after,
-               sharding_rules=sharding_rules(cfg))
+               sharding_rules=parallel.rules_from_config(cfg))
   adapter_dir = os.path.join(out_dir, "adapters")
   if result.steps == t.steps and jax.process_index() == 0:
     lora.export_peft(model, adapter_dir)

@@ -78,12 +78,18 @@ def _stage(cfg, workdir, sampler):
   return artifacts.run_stage(workdir, "calibrate", lambda d: calibrate.run(cfg, workdir, d, sampler=sampler))
 
 
-def test_staged_cot_statistics_vqa_and_oracle(mined, tmp_path):
-  workdir, model, tokenizer = mined
+def _fresh_run_dir(workdir, tmp_path):
+  """A new workdir sharing the finished prepare and mine stages of the module's run."""
   run_dir = str(tmp_path / "run")
   os.makedirs(run_dir)
   for stage in ("prepare", "mine"):
     os.symlink(os.path.join(workdir, stage), os.path.join(run_dir, stage))
+  return run_dir
+
+
+def test_staged_cot_statistics_vqa_and_oracle(mined, tmp_path):
+  workdir, model, tokenizer = mined
+  run_dir = _fresh_run_dir(workdir, tmp_path)
   cfg = _config()
   cfg.calibrate.prompt_mode = "staged_cot"
   cfg.calibrate.decomposed_verification = True
@@ -145,10 +151,7 @@ def test_staged_cot_statistics_vqa_and_oracle(mined, tmp_path):
 
 def test_minimal_json_resume_after_crash(mined, tmp_path):
   workdir, model, tokenizer = mined
-  run_dir = str(tmp_path / "run")
-  os.makedirs(run_dir)
-  for stage in ("prepare", "mine"):
-    os.symlink(os.path.join(workdir, stage), os.path.join(run_dir, stage))
+  run_dir = _fresh_run_dir(workdir, tmp_path)
   cfg = _config()
   buckets = cfg.calibrate.prompt_lengths
   crashing = CountingSampler(model, tokenizer, cache_buckets=buckets, crash_on=2)
