@@ -4,6 +4,10 @@
 `info_nce_sharded` / `triplet_sharded` compute the same values with `jax.shard_map`: each device keeps its queries
 local and all-gathers the targets (all_gather is differentiable; its transpose is a reduce-scatter). Embeddings are
 used as given (the embedding model L2-normalises them, so dot products are cosine similarities); all loss math is fp32.
+
+Two masks: `valid` marks real slots (False = padding: no row, no negative), `query_valid` the slots whose query is a
+loss row (default: every valid slot). A valid slot with query_valid False is an extra negative: its target stays a
+negative column for every query, while its own query pairs with nothing (the hard-negative refinement ablation).
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ AxisName = str | Sequence[str]
 
 def _ones(n: int) -> jax.Array:
   return jnp.ones((n,), bool)
+
+
+def _masks(b: int, valid: jax.Array | None, query_valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """(valid, query_valid) as bool arrays, query rows only among valid slots."""
+  valid = _ones(b) if valid is None else valid.astype(bool)
+  return valid, valid if query_valid is None else valid & query_valid.astype(bool)
 
 
 def _info_nce_terms(q, t, temperature, row_ids, q_valid, t_valid, q_dup, t_dup):
@@ -66,13 +76,16 @@ def _reduce_info_nce(terms: dict, reverse: dict | None) -> tuple[jax.Array, Metr
 
 
 def info_nce(queries: jax.Array, targets: jax.Array, temperature: float, *, valid: jax.Array | None = None,
-             duplicate_ids: jax.Array | None = None, symmetric: bool = False) -> tuple[jax.Array, Metrics]:
+             query_valid: jax.Array | None = None, duplicate_ids: jax.Array | None = None,
+             symmetric: bool = False) -> tuple[jax.Array, Metrics]:
   """Query->target InfoNCE over the whole batch: query i's positive is target i, every other target a negative.
 
   Args:
     queries, targets: (B, D) embeddings.
     temperature: logits = q . t / temperature.
     valid: (B,) bool; False marks a padded item: its row is left out of the mean and its target is no negative.
+    query_valid: (B,) bool; False on a valid item makes it an extra negative: no row (nor, when symmetric, a
+      query column), its target a negative for every row.
     duplicate_ids: (B,) int; items with equal ids share the target image, so target j is no negative for query i
       when duplicate_ids[i] == duplicate_ids[j] (i != j).
     symmetric: also add the target->query term (same masks) and average the two.
@@ -81,12 +94,12 @@ def info_nce(queries: jax.Array, targets: jax.Array, temperature: float, *, vali
     cosine of positive / negative pairs), and loss_q2t / loss_t2q when symmetric.
   """
   b = queries.shape[0]
-  valid = _ones(b) if valid is None else valid.astype(bool)
+  valid, rows = _masks(b, valid, query_valid)
   ids = jnp.arange(b)
-  terms = _info_nce_terms(queries, targets, temperature, ids, valid, valid, duplicate_ids, duplicate_ids)
+  terms = _info_nce_terms(queries, targets, temperature, ids, rows, valid, duplicate_ids, duplicate_ids)
   reverse = None
-  if symmetric:
-    reverse = _info_nce_terms(targets, queries, temperature, ids, valid, valid, duplicate_ids, duplicate_ids)
+  if symmetric:  # target rows against query columns: only the items whose query is real take part
+    reverse = _info_nce_terms(targets, queries, temperature, ids, rows, rows, duplicate_ids, duplicate_ids)
   return _reduce_info_nce(terms, reverse)
 
 
@@ -117,17 +130,19 @@ def _triplet_terms(q, t_local, t_all, row_ids, group_local, group_all, valid_loc
 
 
 def triplet(queries: jax.Array, targets: jax.Array, group_ids: jax.Array, margin: float, *,
-            valid: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+            valid: jax.Array | None = None, query_valid: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
   """In-group ordered-pair triplet loss of ReCALL's refinement stage.
 
   For every ordered pair (i, j), i != j, of valid items with the same group id: anchor q_i, positive t_i,
   negative t_j, hinge max(||q_i - t_i|| - ||q_i - t_j|| + margin, 0). The loss is the mean over all such pairs
-  (groups weighted by their pair counts); 0 when the batch has no pair.
+  (groups weighted by their pair counts); 0 when the batch has no pair. Anchors are the query_valid items, so an
+  extra negative (query_valid False) is only ever the negative t_j of its group's pairs.
   Returns (loss, metrics) with metrics triplet_loss and triplet_pairs.
   """
   b = queries.shape[0]
-  valid = _ones(b) if valid is None else valid.astype(bool)
-  total, pairs = _triplet_terms(queries, targets, targets, jnp.arange(b), group_ids, group_ids, valid, valid, margin)
+  valid, anchors = _masks(b, valid, query_valid)
+  total, pairs = _triplet_terms(queries, targets, targets, jnp.arange(b), group_ids, group_ids, anchors, valid,
+                                margin)
   loss = total / jnp.maximum(pairs, 1.0)
   return loss, {"triplet_loss": loss, "triplet_pairs": pairs}
 
@@ -155,46 +170,47 @@ def _check_divisible(mesh: Mesh, axis: tuple[str, ...], batch: int, fn: str) -> 
 
 
 def info_nce_sharded(queries: jax.Array, targets: jax.Array, temperature: float, *, mesh: Mesh, axis: AxisName,
-                     valid: jax.Array | None = None, duplicate_ids: jax.Array | None = None,
-                     symmetric: bool = False) -> tuple[jax.Array, Metrics]:
+                     valid: jax.Array | None = None, query_valid: jax.Array | None = None,
+                     duplicate_ids: jax.Array | None = None, symmetric: bool = False) -> tuple[jax.Array, Metrics]:
   """`info_nce` with the batch sharded over mesh `axis` (a name or a tuple of names); same values and gradients."""
   axis = _axis_tuple(axis)
   b = queries.shape[0]
   _check_divisible(mesh, axis, b, "info_nce_sharded")
-  valid = _ones(b) if valid is None else valid.astype(bool)
+  valid, query_valid = _masks(b, valid, query_valid)
   dup = jnp.zeros((b,), jnp.int32) if duplicate_ids is None else duplicate_ids
 
-  def local(q, t, v, d):
+  def local(q, t, v, qv, d):
     gather = lambda x: jax.lax.all_gather(x, axis, tiled=True)
     rows = _local_row_ids(axis, q.shape[0])
     d_local, d_all = (d, gather(d)) if duplicate_ids is not None else (None, None)
-    terms = _info_nce_terms(q, gather(t), temperature, rows, v, gather(v), d_local, d_all)
+    terms = _info_nce_terms(q, gather(t), temperature, rows, qv, gather(v), d_local, d_all)
     terms = jax.lax.psum(terms, axis)
     reverse = None
     if symmetric:
-      reverse = jax.lax.psum(_info_nce_terms(t, gather(q), temperature, rows, v, gather(v), d_local, d_all), axis)
+      reverse = jax.lax.psum(_info_nce_terms(t, gather(q), temperature, rows, qv, gather(qv), d_local, d_all), axis)
     return _reduce_info_nce(terms, reverse)
 
   spec = P(axis)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, spec), out_specs=P())(
-      queries, targets, valid, dup)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 5, out_specs=P())(
+      queries, targets, valid, query_valid, dup)
 
 
 def triplet_sharded(queries: jax.Array, targets: jax.Array, group_ids: jax.Array, margin: float, *, mesh: Mesh,
-                    axis: AxisName, valid: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
+                    axis: AxisName, valid: jax.Array | None = None,
+                    query_valid: jax.Array | None = None) -> tuple[jax.Array, Metrics]:
   """`triplet` with the batch sharded over mesh `axis`; same values and gradients."""
   axis = _axis_tuple(axis)
   b = queries.shape[0]
   _check_divisible(mesh, axis, b, "triplet_sharded")
-  valid = _ones(b) if valid is None else valid.astype(bool)
+  valid, anchors = _masks(b, valid, query_valid)
 
-  def local(q, t, g, v):
+  def local(q, t, g, v, a):
     gather = lambda x: jax.lax.all_gather(x, axis, tiled=True)
     rows = _local_row_ids(axis, q.shape[0])
-    total, pairs = jax.lax.psum(_triplet_terms(q, t, gather(t), rows, g, gather(g), v, gather(v), margin), axis)
+    total, pairs = jax.lax.psum(_triplet_terms(q, t, gather(t), rows, g, gather(g), a, gather(v), margin), axis)
     loss = total / jnp.maximum(pairs, 1.0)
     return loss, {"triplet_loss": loss, "triplet_pairs": pairs}
 
   spec = P(axis)
-  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, spec), out_specs=P())(
-      queries, targets, group_ids, valid)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 5, out_specs=P())(
+      queries, targets, group_ids, valid, anchors)

@@ -30,17 +30,26 @@ def _data(seed=0):
   return q, t, valid, dup, groups
 
 
-def _info_nce_reference(q, t, tau, valid, dup, symmetric):
-  """Row-by-row float64 reference."""
-  q, t = q.astype(np.float64), t.astype(np.float64)
+def _extra_negatives(valid):
+  """query_valid with items 2, 7 and 8 (valid ones) as extra negatives: targets only."""
+  query_valid = valid.copy()
+  query_valid[[2, 7, 8]] = False
+  assert valid[[2, 7, 8]].all()
+  return query_valid
 
-  def one_direction(a, b):
+
+def _info_nce_reference(q, t, tau, valid, dup, symmetric, query_valid=None):
+  """Row-by-row float64 reference; rows are the query_valid items (default: the valid ones)."""
+  q, t = q.astype(np.float64), t.astype(np.float64)
+  rows = valid if query_valid is None else valid & query_valid
+
+  def one_direction(a, b, cols):
     sim = a @ b.T
     losses_, correct, pos, neg = [], [], [], []
     for i in range(B):
-      if not valid[i]:
+      if not rows[i]:
         continue
-      cand = [j for j in range(B) if valid[j] and (j == i or dup[j] != dup[i])]
+      cand = [j for j in range(B) if cols[j] and (j == i or dup[j] != dup[i])]
       negs = [j for j in cand if j != i]
       logits = sim[i, cand] / tau
       losses_.append(np.log(np.sum(np.exp(logits))) - sim[i, i] / tau)
@@ -49,18 +58,19 @@ def _info_nce_reference(q, t, tau, valid, dup, symmetric):
       neg.extend(sim[i, negs])
     return np.mean(losses_), np.mean(correct), np.mean(pos), np.mean(neg)
 
-  loss, acc, pos, neg = one_direction(q, t)
-  if symmetric:
-    loss = 0.5 * (loss + one_direction(t, q)[0])
+  loss, acc, pos, neg = one_direction(q, t, valid)
+  if symmetric:  # target rows; only items with a real query are query columns
+    loss = 0.5 * (loss + one_direction(t, q, rows)[0])
   return loss, acc, pos, neg
 
 
-def _triplet_reference(q, t, groups, margin, valid):
+def _triplet_reference(q, t, groups, margin, valid, query_valid=None):
   q, t = q.astype(np.float64), t.astype(np.float64)
+  anchors = valid if query_valid is None else valid & query_valid
   hinges = []
   for i in range(B):
     for j in range(B):
-      if i != j and groups[i] == groups[j] and valid[i] and valid[j]:
+      if i != j and groups[i] == groups[j] and anchors[i] and valid[j]:
         hinges.append(max(np.linalg.norm(q[i] - t[i]) - np.linalg.norm(q[i] - t[j]) + margin, 0.0))
   return np.mean(hinges) if hinges else 0.0
 
@@ -87,6 +97,40 @@ def test_info_nce_masks_change_the_loss():
   with_dup, _ = losses.info_nce(q, t, TAU, duplicate_ids=dup)
   with_valid, _ = losses.info_nce(q, t, TAU, valid=valid)
   assert with_dup < plain and abs(float(with_valid) - float(plain)) > 1e-3
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_info_nce_extra_negative_columns(symmetric):
+  """Hard-negative slots (query_valid False): their targets are negatives for every row, their queries no rows."""
+  q, t, valid, dup, _ = _data(4)
+  query_valid = _extra_negatives(valid)
+  fn = jax.jit(functools.partial(losses.info_nce, temperature=TAU, symmetric=symmetric))
+  loss, metrics = fn(q, t, valid=valid, query_valid=query_valid, duplicate_ids=dup)
+  ref_loss, acc, pos, neg = _info_nce_reference(q, t, TAU, valid, dup, symmetric, query_valid)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics["accuracy"], acc, rtol=1e-6)
+  np.testing.assert_allclose(metrics["neg_sim"], neg, rtol=1e-5, atol=1e-6)
+  # The same rows without the extra columns (the slots dropped as padding): a smaller denominator, a lower loss.
+  without, _ = fn(q, t, valid=query_valid, duplicate_ids=dup)
+  assert without < loss - 1e-3
+  np.testing.assert_allclose(without, _info_nce_reference(q, t, TAU, query_valid, dup, symmetric)[0], rtol=1e-5)
+  # Rows as with every slot a real query, but the columns differ: extra negatives are not just padding nor queries.
+  all_rows, _ = fn(q, t, valid=valid, duplicate_ids=dup)
+  assert abs(float(all_rows) - float(loss)) > 1e-3
+  # Extra negatives get a gradient only on their target side.
+  gq, gt = jax.grad(lambda q, t: fn(q, t, valid=valid, query_valid=query_valid, duplicate_ids=dup)[0],
+                    argnums=(0, 1))(q, t)
+  assert np.all(np.asarray(gq)[[2, 7, 8]] == 0) and np.all(np.abs(np.asarray(gt)[[2, 7, 8]]).sum(-1) > 0)
+
+
+def test_triplet_extra_negatives_are_negatives_only():
+  q, t, valid, _, groups = _data(5)
+  query_valid = _extra_negatives(valid)
+  loss, metrics = losses.triplet(q, t, groups, MARGIN, valid=valid, query_valid=query_valid)
+  np.testing.assert_allclose(loss, _triplet_reference(q, t, groups, MARGIN, valid, query_valid), rtol=1e-5)
+  anchors = valid & query_valid
+  assert metrics["triplet_pairs"] == sum(int(anchors[i]) * (int(valid[groups == groups[i]].sum()) - 1)
+                                         for i in range(B))
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -124,48 +168,59 @@ MESHES = [(8,), (2, 4)]
 
 @pytest.mark.parametrize("mesh_shape", MESHES)
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_info_nce_sharded_equals_single_device(mesh_shape, symmetric):
+@pytest.mark.parametrize("extra_negatives", [False, True])
+def test_info_nce_sharded_equals_single_device(mesh_shape, symmetric, extra_negatives):
   q, t, valid, dup, _ = _data(2)
+  query_valid = _extra_negatives(valid) if extra_negatives else valid
   single = jax.jit(lambda q, t: _value_and_grads(
-      lambda q, t: losses.info_nce(q, t, TAU, valid=valid, duplicate_ids=dup, symmetric=symmetric), q, t))
+      lambda q, t: losses.info_nce(q, t, TAU, valid=valid, query_valid=query_valid, duplicate_ids=dup,
+                                   symmetric=symmetric), q, t))
   ref_loss, ref_grads = single(q, t)
-  ref_metrics = losses.info_nce(q, t, TAU, valid=valid, duplicate_ids=dup, symmetric=symmetric)[1]
+  ref_metrics = losses.info_nce(q, t, TAU, valid=valid, query_valid=query_valid, duplicate_ids=dup,
+                                symmetric=symmetric)[1]
   mesh, axis = _mesh(mesh_shape)
   sharding = NamedSharding(mesh, P(axis))
-  qs, ts, vs, ds = (jax.device_put(x, sharding) for x in (q, t, valid, dup))
+  qs, ts, vs, qvs, ds = (jax.device_put(x, sharding) for x in (q, t, valid, query_valid, dup))
 
   # Global arrays under jit (XLA partitions) and the shard_map variant.
   variants = {
-      "global": lambda q, t, v, d: losses.info_nce(q, t, TAU, valid=v, duplicate_ids=d, symmetric=symmetric),
-      "shard_map": lambda q, t, v, d: losses.info_nce_sharded(q, t, TAU, mesh=mesh, axis=axis, valid=v,
-                                                              duplicate_ids=d, symmetric=symmetric),
+      "global": lambda q, t, v, qv, d: losses.info_nce(q, t, TAU, valid=v, query_valid=qv, duplicate_ids=d,
+                                                       symmetric=symmetric),
+      "shard_map": lambda q, t, v, qv, d: losses.info_nce_sharded(q, t, TAU, mesh=mesh, axis=axis, valid=v,
+                                                                  query_valid=qv, duplicate_ids=d,
+                                                                  symmetric=symmetric),
   }
   for name, fn in variants.items():
-    loss, grads = jax.jit(lambda q, t, v, d: _value_and_grads(lambda q, t: fn(q, t, v, d), q, t))(qs, ts, vs, ds)
+    loss, grads = jax.jit(lambda q, t, v, qv, d: _value_and_grads(lambda q, t: fn(q, t, v, qv, d), q, t))(
+        qs, ts, vs, qvs, ds)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=name)
     for g, r in zip(grads, ref_grads):
       np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=name)
       assert np.all(np.asarray(r)[~valid] == 0)  # padded items get no gradient.
-    metrics = jax.jit(fn)(qs, ts, vs, ds)[1]
+    metrics = jax.jit(fn)(qs, ts, vs, qvs, ds)[1]
     for k, v in ref_metrics.items():
       np.testing.assert_allclose(metrics[k], v, rtol=1e-5, atol=1e-6, err_msg=f"{name} {k}")
 
 
 @pytest.mark.parametrize("mesh_shape", MESHES)
-def test_triplet_sharded_equals_single_device(mesh_shape):
+@pytest.mark.parametrize("extra_negatives", [False, True])
+def test_triplet_sharded_equals_single_device(mesh_shape, extra_negatives):
   q, t, valid, _, groups = _data(3)
+  query_valid = _extra_negatives(valid) if extra_negatives else valid
   ref_loss, ref_grads = jax.jit(lambda q, t: _value_and_grads(
-      lambda q, t: losses.triplet(q, t, groups, MARGIN, valid=valid), q, t))(q, t)
+      lambda q, t: losses.triplet(q, t, groups, MARGIN, valid=valid, query_valid=query_valid), q, t))(q, t)
   assert ref_loss > 0
   mesh, axis = _mesh(mesh_shape)
   sharding = NamedSharding(mesh, P(axis))
-  qs, ts, gs, vs = (jax.device_put(x, sharding) for x in (q, t, groups, valid))
+  qs, ts, gs, vs, qvs = (jax.device_put(x, sharding) for x in (q, t, groups, valid, query_valid))
   variants = {
-      "global": lambda q, t, g, v: losses.triplet(q, t, g, MARGIN, valid=v),
-      "shard_map": lambda q, t, g, v: losses.triplet_sharded(q, t, g, MARGIN, mesh=mesh, axis=axis, valid=v),
+      "global": lambda q, t, g, v, qv: losses.triplet(q, t, g, MARGIN, valid=v, query_valid=qv),
+      "shard_map": lambda q, t, g, v, qv: losses.triplet_sharded(q, t, g, MARGIN, mesh=mesh, axis=axis, valid=v,
+                                                                 query_valid=qv),
   }
   for name, fn in variants.items():
-    loss, grads = jax.jit(lambda q, t, g, v: _value_and_grads(lambda q, t: fn(q, t, g, v), q, t))(qs, ts, gs, vs)
+    loss, grads = jax.jit(lambda q, t, g, v, qv: _value_and_grads(lambda q, t: fn(q, t, g, v, qv), q, t))(
+        qs, ts, gs, vs, qvs)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=name)
     for g, r in zip(grads, ref_grads):
       np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=name)

@@ -16,7 +16,8 @@ P = the largest bucket's patch count, L = a text length bucket):
   {query,target}_pixel_values    float32 (B, P, C*T*14*14)  one image per example, zero rows past its grid
   {query,target}_image_grid_thw  int64 (B, 3)
   group_ids (int32, micro-group id, -1 on padding), target_ids (int32, one id per target image name, for masking
-  in-batch duplicates of a target), example_index (int32 into the record list, -1 on padding), valid (bool).
+  in-batch duplicates of a target), example_index (int32 into the record list, -1 on padding), valid (bool),
+  query_valid (bool: valid and the query is a loss row, i.e. not `Query.negative_only`).
 With one image bucket and one length per side every batch has the same shapes, and with one image bucket
 `pixel_values.reshape(-1, D)` is exactly what the Hugging Face processor returns for the batch's images.
 Padding slots repeat a real example (so the model sees well-formed inputs) and are masked by `valid`.
@@ -245,6 +246,7 @@ class _TrainBatchEncoder:
     batch["target_ids"] = np.where(valid, slots["target_ids"], -1).astype(np.int32)
     batch["example_index"] = index.astype(np.int32)
     batch["valid"] = valid
+    batch["query_valid"] = valid & ~np.asarray([q.negative_only for q in queries], bool)
     return batch
 
   def _flip(self, epoch: int, item: int) -> bool:

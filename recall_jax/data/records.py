@@ -21,6 +21,8 @@ class Query:
   subset:    CIRR `img_set.members` (6 names, the reference among them); empty elsewhere.
   group:     micro-group key (reference + original text) for grouped batching; corrective siblings share it.
   source:    "<file>#<record index>" so every later error can name where the record came from.
+  negative_only: training only: the target is an extra in-batch negative (its query is no loss row), e.g. a mined
+             hard negative of its group's original query (refine.mode = "hard_negative").
   """
 
   qid: str
@@ -31,6 +33,7 @@ class Query:
   subset: tuple[str, ...] = ()
   group: Optional[str] = None
   source: str = ""
+  negative_only: bool = False
 
   @property
   def target(self) -> Optional[str]:

@@ -37,13 +37,15 @@ class LossConfig:
 
 
 def contrastive_loss(q: jax.Array, t: jax.Array, batch: dict[str, Any], cfg: LossConfig):
-  """InfoNCE over the global batch (+ lambda * in-group triplet); padded slots masked out."""
-  valid = batch["valid"]
-  loss, metrics = losses.info_nce(q, t, cfg.temperature, valid=valid, symmetric=cfg.symmetric,
+  """InfoNCE over the global batch (+ lambda * in-group triplet); padded slots masked out, extra-negative slots
+  (query_valid False) are target columns only."""
+  valid, query_valid = batch["valid"], batch.get("query_valid")
+  loss, metrics = losses.info_nce(q, t, cfg.temperature, valid=valid, query_valid=query_valid,
+                                  symmetric=cfg.symmetric,
                                   duplicate_ids=batch["target_ids"] if cfg.mask_duplicate_targets else None)
   total = cfg.infonce_weight * loss
   if cfg.triplet_weight:
-    tloss, tmetrics = losses.triplet(q, t, batch["group_ids"], cfg.margin, valid=valid)
+    tloss, tmetrics = losses.triplet(q, t, batch["group_ids"], cfg.margin, valid=valid, query_valid=query_valid)
     total = total + cfg.triplet_weight * tloss
     metrics = {**metrics, **tmetrics}
   return total, {**metrics, "total_loss": total}
@@ -79,6 +81,7 @@ def host_batch(model_cfg, batch: dict[str, np.ndarray], *, images_per_call: int,
     geometry[side] = batch_geometry(model_cfg.vision, tuple(int(g) for g in grids[0]), images_per_call)
   b = len(batch["valid"])
   out["valid"] = np.asarray(batch["valid"], bool)
+  out["query_valid"] = np.asarray(batch.get("query_valid", batch["valid"]), bool)
   out["target_ids"] = np.asarray(batch["target_ids"], np.int32)
   out["group_ids"] = np.asarray(batch["group_ids"], np.int32)
   out["seed"] = (np.uint32(step_seed) * np.uint32(1_000_003) + np.arange(b, dtype=np.uint32)).astype(np.uint32)

@@ -157,6 +157,28 @@ def test_micro_groups_stay_in_one_batch(world, tokenizer):
     assert len(batch_of[key]) == 3, key  # one batch per epoch, three epochs
 
 
+def test_negative_only_slots_are_targets_only(world, tokenizer):
+  """A hard negative (Query.negative_only) is a valid slot whose query is no loss row, batched with its group."""
+  extra = Query(qid="neg", reference="img0", captions=world.queries[0].captions, targets=("img11",), group="g0",
+                negative_only=True)
+  queries = (*world.queries, extra)
+  ds = pipeline.train_dataset(queries, dataset="cirr", load=pipeline.FileImages(world.images), tokenizer=tokenizer,
+                              cfg=_cfg(), global_batch_size=8, seed=7, num_epochs=2, process_index=0,
+                              process_count=1)
+  seen = 0
+  for i in range(len(ds)):
+    batch = ds[i]
+    idx, valid = batch["example_index"], batch["valid"]
+    want = np.asarray([v and not queries[k].negative_only for k, v in zip(idx, valid)])
+    np.testing.assert_array_equal(batch["query_valid"], want)
+    if (idx == len(queries) - 1).any():
+      seen += 1
+      slot = int(np.flatnonzero(idx == len(queries) - 1)[0])
+      assert valid[slot] and not batch["query_valid"][slot]
+      assert batch["group_ids"][slot] in batch["group_ids"][batch["query_valid"]]  # next to its group's queries
+  assert seen == 2  # once per epoch
+
+
 def test_target_ids_mark_duplicate_targets(world, tokenizer):
   ds = _train(world, tokenizer, grouped=False, global_batch_size=16, num_epochs=1)
   batch = ds[0]
