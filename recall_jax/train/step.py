@@ -111,14 +111,13 @@ def reseeded(rng_state, key: jax.Array):
   return jax.tree.unflatten(treedef, fresh)
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg: LossConfig, *,
-                    num_chunks: int = 1):
-  """Returns jitted step(state, frozen, batch, geometry) -> (state, metrics); `state` is donated.
+def make_grad_fn(graphdef: nnx.GraphDef, loss_cfg: LossConfig, *, num_chunks: int = 1):
+  """Returns grad_fn(adapters, frozen, batch, geometry) -> ((loss, metrics), grads), not jitted.
 
-  graphdef / frozen come from `nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)`: frozen = (rng_state, base).
-  state = {"adapters": pure dict of the LoRA params, "opt_state", "step", "rng"}; with num_chunks > 1 the gradient is
-  GradCache's (the geometry must then be for B / num_chunks images). Dropout keys come from the batch's per-example
-  seeds (one per chunk), so both GradCache passes see the same masks and every step new ones.
+  The gradient of the contrastive loss w.r.t. the adapters (a pure dict of the LoRA params), plain or, with
+  num_chunks > 1, GradCache's (the geometry must then be for B / num_chunks images); `frozen` = (rng_state, base)
+  from `nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)`. Dropout keys come from the batch's per-example seeds
+  (one per chunk), so both GradCache passes see the same masks.
   """
 
   def embed_fn(adapters, frozen, geometry, sub):
@@ -129,17 +128,35 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
   def loss_fn(q, t, batch):
     return contrastive_loss(q, t, batch, loss_cfg)
 
+  def grad_fn(adapters, frozen, batch, geometry):
+    if num_chunks > 1:
+      return gradcache.gradcache_grads(lambda p, sub: embed_fn(p, frozen, geometry, sub), loss_fn, adapters, batch,
+                                       num_chunks)
+
+    def full(p):
+      q, t = embed_fn(p, frozen, geometry, batch)
+      return loss_fn(q, t, batch)
+
+    return jax.value_and_grad(full, has_aux=True)(adapters)
+
+  return grad_fn
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg: LossConfig, *,
+                    num_chunks: int = 1):
+  """Returns jitted step(state, frozen, batch, geometry) -> (state, metrics); `state` is donated.
+
+  graphdef / frozen come from `nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)`: frozen = (rng_state, base).
+  state = {"adapters": pure dict of the LoRA params, "opt_state", "step", "rng"}; the gradient is `make_grad_fn`'s
+  (GradCache's with num_chunks > 1: the geometry must then be for B / num_chunks images). Dropout keys come from the
+  batch's per-example seeds (one per chunk), so both GradCache passes see the same masks and every step new ones.
+  """
+  grad_fn = make_grad_fn(graphdef, loss_cfg, num_chunks=num_chunks)
+
   @functools.partial(jax.jit, donate_argnums=0)
   def step(state, frozen, batch, geometry):
     template = state["adapters"]
-    if num_chunks > 1:
-      (loss, metrics), grads = gradcache.gradcache_grads(
-          lambda p, sub: embed_fn(p, frozen, geometry, sub), loss_fn, template, batch, num_chunks)
-    else:
-      def full(p):
-        q, t = embed_fn(p, frozen, geometry, batch)
-        return loss_fn(q, t, batch)
-      (loss, metrics), grads = jax.value_and_grad(full, has_aux=True)(template)
+    (loss, metrics), grads = grad_fn(template, frozen, batch, geometry)
     updates, opt_state = tx.update(grads, state["opt_state"], template)
     adapters = optax.apply_updates(template, updates)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
