@@ -84,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mine.max_per_query = 5  # ReCALL's FashionIQ config uses 1
   c.mine.batch_size = 32
   c.mine.seed = 0  # the random strategy's draws
+  c.mine.random_pool = 50  # random strategy (Table 3 ablation): draw from the retriever's top-50, not the gallery
   c.mine.sheet_queries = 8
 
   # Optional stage "teach": fine-tune the foundation model on the synthetic world's SFT data (generative objective);

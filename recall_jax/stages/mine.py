@@ -4,8 +4,9 @@ Every training query is embedded with the retriever and ranked against the train
 gallery; one pool per FashionIQ category) with its reference removed from the ranking. A query fails when its
 ground truth is not ranked first; its informative instances are the images ranked above the ground truth when the
 ground truth is inside the top-k, otherwise the top-k, at most `max_per_query` of them (`select_instances`).
-Ablations (cfg.mine.strategy): "random" draws the same number of random images (never the reference or the ground
-truth) per query, seeded; "hard_negative" takes the top-k non-ground-truth images of every query, failing or not.
+Ablations (cfg.mine.strategy): "random" draws, for each failing query, as many images as self-guided mining would
+take, uniformly from the retriever's top-`random_pool` ranking (never the reference or the ground truth), seeded;
+"hard_negative" takes the top-k non-ground-truth images of every query, failing or not.
 
 Ranks are 1-based positions in the ranking without the reference; ties are broken by gallery order, as in
 evaluation, so a ground truth tied with an earlier gallery image is not ranked first.
@@ -109,24 +110,30 @@ def _indices(split: CIRSplit) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(refs, np.int32), np.asarray(gts, np.int32)
 
 
-def choose(strategy: str, topk: np.ndarray, refs: np.ndarray, gts: np.ndarray, num_gallery: int,
-           top_k: int, cap: int, seed: int) -> list[list[int]]:
-  """Instances per query by the configured strategy (gallery indices). topk rows exclude the reference already."""
+def choose(strategy: str, ranked: np.ndarray, refs: np.ndarray, gts: np.ndarray, top_k: int, cap: int,
+           seed: int, random_pool: int = 50) -> list[list[int]]:
+  """Instances per query by the configured strategy (gallery indices).
+
+  ranked: each query's best-first gallery indices without its reference, at least max(top_k, random_pool) wide
+  for the random strategy. "random" draws as many instances as self-guided mining takes for that query (so only
+  for failing queries, at most `cap`) from the first `random_pool` ranked images less the ground truth."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"config mine.strategy must be one of {STRATEGIES}, got {strategy!r}")
+  if strategy == "random" and random_pool < 1:
+    raise ValueError(f"config mine.random_pool must be >= 1, got {random_pool}")
   chosen = []
-  for i in range(len(topk)):
-    row = topk[i].tolist()
+  for i in range(len(ranked)):
+    row = ranked[i].tolist()
     if strategy == "hard_negative":
       chosen.append([j for j in row[:top_k] if j != gts[i]][:cap])
       continue
     own = select_instances(row, int(gts[i]), int(refs[i]), top_k, cap)
     if strategy == "self_guided":
       chosen.append(own)
-    elif strategy == "random":
-      pool = np.setdiff1d(np.arange(num_gallery), [refs[i], gts[i]])
-      rng = np.random.default_rng([seed, i])
-      chosen.append(sorted(rng.choice(pool, size=min(len(own), len(pool)), replace=False).tolist()))
-    else:
-      raise ValueError(f"config mine.strategy must be one of {STRATEGIES}, got {strategy!r}")
+      continue
+    pool = np.asarray([j for j in row[:random_pool] if j not in (refs[i], gts[i])], np.int64)
+    rng = np.random.default_rng([seed, i])
+    chosen.append(sorted(rng.choice(pool, size=min(len(own), len(pool)), replace=False).tolist()))
   return chosen
 
 
@@ -139,10 +146,12 @@ def mine_split(split: CIRSplit, query_emb: np.ndarray, gallery_emb: np.ndarray, 
   refs, gts = _indices(split)
   num_g = len(split.gallery)
   top_k = min(mcfg.top_k, num_g - 1)
+  # The random strategy draws from a wider head of the ranking than the top-k.
+  width = min(max(top_k, mcfg.random_pool if mcfg.strategy == "random" else 0), num_g - 1)
   # Ranking the ground truth too gives its rank even when it lies outside the top-k.
-  topk, _, gt_rank, gt_score = rank_probes(query_emb, gallery_emb, refs, gts[:, None], top_k)
+  ranked, _, gt_rank, gt_score = rank_probes(query_emb, gallery_emb, refs, gts[:, None], width)
   gt_rank, gt_score = gt_rank[:, 0], gt_score[:, 0]
-  chosen = choose(mcfg.strategy, topk, refs, gts, num_g, top_k, mcfg.max_per_query, mcfg.seed)
+  chosen = choose(mcfg.strategy, ranked, refs, gts, top_k, mcfg.max_per_query, mcfg.seed, mcfg.random_pool)
   width = max([len(c) for c in chosen] + [1])
   probes = np.asarray([c + [-1] * (width - len(c)) for c in chosen], np.int32)
   _, _, inst_rank, inst_score = rank_probes(query_emb, gallery_emb, refs, probes, top_k)

@@ -77,18 +77,38 @@ def test_tie_with_an_earlier_image_is_a_failure():
 def test_strategies():
   topk = np.asarray([[4, 2, 7, 1], [3, 0, 5, 6], [9, 8, 1, 2]])  # reference already removed
   refs, gts = np.asarray([0, 1, 3]), np.asarray([7, 3, 5])
-  guided = mine.choose("self_guided", topk, refs, gts, 10, top_k=4, cap=5, seed=0)
+  guided = mine.choose("self_guided", topk, refs, gts, top_k=4, cap=5, seed=0)
   assert guided == [[4, 2], [], [9, 8, 1, 2]]
-  hard = mine.choose("hard_negative", topk, refs, gts, 10, top_k=4, cap=3, seed=0)
+  hard = mine.choose("hard_negative", topk, refs, gts, top_k=4, cap=3, seed=0)
   assert hard == [[4, 2, 1], [0, 5, 6], [9, 8, 1]]
-  random = mine.choose("random", topk, refs, gts, 10, top_k=4, cap=5, seed=0)
+  random = mine.choose("random", topk, refs, gts, top_k=4, cap=5, seed=0)
   assert [len(c) for c in random] == [2, 0, 4]
   for c, r, g in zip(random, refs, gts):
     assert r not in c and g not in c and len(set(c)) == len(c)
-  assert random == mine.choose("random", topk, refs, gts, 10, top_k=4, cap=5, seed=0)
-  assert random != mine.choose("random", topk, refs, gts, 10, top_k=4, cap=5, seed=1)
+  assert random == mine.choose("random", topk, refs, gts, top_k=4, cap=5, seed=0)
+  assert random != mine.choose("random", topk, refs, gts, top_k=4, cap=5, seed=1)
   with pytest.raises(ValueError, match="mine.strategy"):
-    mine.choose("hardest", topk, refs, gts, 10, top_k=4, cap=5, seed=0)
+    mine.choose("hardest", topk, refs, gts, top_k=4, cap=5, seed=0)
+
+
+def test_random_mining_draws_from_the_top_pool():
+  """Table 3's random mining: only failing queries, self-guided's count, from the ranking's first `random_pool`."""
+  rng = np.random.default_rng(0)
+  ranked = np.stack([rng.permutation(np.arange(1, 200))[:60] for _ in range(40)])  # gallery of 200, 0 = reference
+  refs = np.zeros(40, np.int64)
+  gts = np.asarray([row[k % 12] for k, row in enumerate(ranked)])  # GT ranked 1st .. 12th
+  guided = mine.choose("self_guided", ranked, refs, gts, top_k=10, cap=3, seed=0)
+  for pool in (5, 50):
+    drawn = mine.choose("random", ranked, refs, gts, top_k=10, cap=3, seed=0, random_pool=pool)
+    assert [len(d) for d in drawn] == [len(g) for g in guided]
+    assert sum(len(d) for d in drawn) > 0 and not drawn[0]  # the GT-first query draws nothing
+    for d, row, r, g in zip(drawn, ranked, refs, gts):
+      assert set(d) <= set(row[:pool].tolist()) and r not in d and g not in d and len(set(d)) == len(d)
+  # A wider pool reaches past the self-guided head: the draws are not just the top-k again.
+  wide = mine.choose("random", ranked, refs, gts, top_k=10, cap=3, seed=0, random_pool=50)
+  assert any(not set(d) <= set(row[:10].tolist()) for d, row in zip(wide, ranked))
+  with pytest.raises(ValueError, match="mine.random_pool"):
+    mine.choose("random", ranked, refs, gts, top_k=10, cap=3, seed=0, random_pool=0)
 
 
 def _config(strategy="self_guided"):
@@ -145,5 +165,5 @@ def test_mine_end_to_end_then_resume(tmp_path):
   assert rand["failures"] == manifest["failures"] and rand["instances"] == len(records)
   assert collections.Counter(r["qid"] for r in rand_records) == collections.Counter(r["qid"] for r in records)
   for r in rand_records:
-    assert r["instance"] not in (r["reference"], *r["targets"]) and r["instance_rank"] >= 1
+    assert r["instance"] not in (r["reference"], *r["targets"]) and 1 <= r["instance_rank"] <= cfg.mine.random_pool
   assert json.load(open(os.path.join(random_dir, "mine", "manifest.json")))["strategy"] == "random"
