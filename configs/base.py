@@ -119,7 +119,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.calibrate.top_p = 1.0
   c.calibrate.seed = 0
   c.calibrate.max_records = 0  # 0: every mined record
+  c.calibrate.rewriter = "model"  # model (F writes the rewrite) | oracle (upper bound: the world's oracle writes it)
   c.calibrate.vqa_threshold = 0.95
+  c.calibrate.vqa_filter = True  # False (Table 4 "+ CoT generation"): keep every parsed rewrite; P(yes) still recorded
   c.calibrate.answer_words = ("no", "yes")  # P(yes) = softmax over the first token of each, at the answer position
   c.calibrate.decomposed_verification = False  # also verify one statement per intent; P(yes) = min over all
   c.calibrate.oracle = True  # score rewrites and VQA decisions with the world's oracle when scene graphs exist

@@ -14,6 +14,13 @@ used: one token for Qwen's vocabulary; with the tiny byte-level test tokenizer t
 The triplet is kept when P(yes) >= cfg.calibrate.vqa_threshold. With cfg.calibrate.decomposed_verification, each
 per-intent statement is verified too (`verify_intent` template) and P(yes) is the minimum over all questions.
 
+Ablations: cfg.calibrate.vqa_filter = False keeps every parsed rewrite (P(yes) is still computed and recorded,
+`vqa_pass`); cfg.calibrate.rewriter = "oracle" has the world's oracle write each rewrite (the most minimal of its
+paraphrases of the edit reference -> instance, as the minimal-JSON answer the teach stage trains F to give), parsed
+and validated like the model's and verified by F the same way: an upper bound on the rewriting, never the default.
+The keep decision is re-derived from the recorded P(yes) at the end of every run, so resumed samples (or another
+run's generations, `seed_partial`) follow the current filter settings.
+
 Resuming: finished samples are appended to generations.partial.jsonl after every batch (keyed by record id) and
 skipped on restart; generations.jsonl (every sample, in mined order), corrective.jsonl (the kept ones, as triplets
 with provenance) and calibrated.png are written at the end, and the partial file removed.
@@ -36,7 +43,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from recall_jax import viz
-from recall_jax.data import pipeline, prompts
+from recall_jax.data import pipeline, prompts, sft
 from recall_jax.data.image import load_image
 from recall_jax.data.synthetic import TextParseError
 from recall_jax.data.synthetic.oracle import Oracle
@@ -52,6 +59,8 @@ PARTIAL = "generations.partial.jsonl"
 GENERATIONS = "generations.jsonl"
 CORRECTIVE = "corrective.jsonl"
 SHEET = "calibrated.png"
+REWRITERS = ("model", "oracle")
+ORACLE_NO_EDIT = "oracle_no_edit"  # parse status when the oracle cannot express reference -> instance
 
 
 def answer_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
@@ -94,13 +103,34 @@ def _fill(items: list, size: int) -> list:
   return items + [items[-1]] * (size - len(items))
 
 
+class OracleRewriter:
+  """The rewrites of config calibrate.rewriter = "oracle": the oracle's most minimal paraphrase of the edit
+  reference -> instance (sft.closest_edit), written as the minimal-JSON answer (sft.rewrite_answer)."""
+
+  parse_mode = "minimal_json"
+
+  def __init__(self, oracle: Oracle):
+    self.oracle = oracle
+
+  def __call__(self, reference: str, instance: str, text: str) -> str:
+    try:
+      return sft.rewrite_answer(text, sft.closest_edit(self.oracle, reference, instance, text))
+    except ValueError:  # same garment, or another category: no edit the world's language can state
+      return ""
+
+
 class Calibrator:
   """The model calls of the stage: batched rewriting and batched yes/no verification."""
 
   def __init__(self, sampler: Sampler, tokenizer: Any, ccfg: ConfigDict, encode_cfg: pipeline.EncodeConfig,
-               load: Callable):
+               load: Callable, oracle: Optional[Oracle] = None):
     if ccfg.prompt_mode not in parse.MODES:
       raise ValueError(f"config calibrate.prompt_mode must be one of {parse.MODES}, got {ccfg.prompt_mode!r}")
+    if ccfg.rewriter not in REWRITERS:
+      raise ValueError(f"config calibrate.rewriter must be one of {REWRITERS}, got {ccfg.rewriter!r}")
+    if ccfg.rewriter == "oracle" and oracle is None:
+      raise ValueError("config calibrate.rewriter = 'oracle' needs the synthetic world's scene graphs beside every "
+                       "mined image (data.root = '')")
     if not 0.0 <= ccfg.vqa_threshold <= 1.0:
       raise ValueError(f"config calibrate.vqa_threshold must be in [0, 1], got {ccfg.vqa_threshold}")
     if ccfg.batch_size < 1 or ccfg.max_new_tokens < 1:
@@ -114,6 +144,8 @@ class Calibrator:
                             if ccfg.decomposed_verification else None)
     self.answer_ids = answer_token_ids(tokenizer, ccfg.answer_words)
     self.sampling = SamplingConfig(temperature=ccfg.temperature, top_k=ccfg.top_k, top_p=ccfg.top_p)
+    self.oracle_rewriter = OracleRewriter(oracle) if ccfg.rewriter == "oracle" else None
+    self.parse_mode = self.oracle_rewriter.parse_mode if self.oracle_rewriter else ccfg.prompt_mode
 
   def inputs(self, template: str, items: Sequence[tuple[str, str, str]]) -> dict[str, np.ndarray]:
     """items: (reference, instance, text) -> model inputs of the filled template."""
@@ -121,8 +153,10 @@ class Calibrator:
                         [(r, i) for r, i, _ in items], self.load, self.encode_cfg, self.ccfg.prompt_lengths)
 
   def rewrite(self, items: Sequence[tuple[str, str, str]], rng: Optional[jax.Array]) -> tuple[list[str], list[int]]:
-    """(raw generations, new-token counts) for up to batch_size items."""
+    """(raw generations, new-token counts) for up to batch_size items (the oracle's answers: 0 tokens)."""
     n = len(items)
+    if self.oracle_rewriter is not None:
+      return [self.oracle_rewriter(*item) for item in items], [0] * n
     out = self.sampler.generate(**self.inputs(self.rewrite_template, _fill(list(items), self.ccfg.batch_size)),
                                 max_new_tokens=self.ccfg.max_new_tokens, sampling=self.sampling, rng=rng)
     return self.sampler.decode_text(out)[:n], np.asarray(out.lengths)[:n].tolist()
@@ -166,12 +200,26 @@ def _judge(oracle: Oracle, reference: str, text: str, instance: str) -> tuple[bo
     return False, True
 
 
+def _parse(calibrator: Calibrator, raw: str, original: str) -> parse.ParseResult:
+  if calibrator.oracle_rewriter is not None and not raw:
+    return parse.ParseResult(text=None, reason=ORACLE_NO_EDIT)
+  return parse.parse_rewrite(raw, original, calibrator.parse_mode)
+
+
+def apply_filter(sample: dict, ccfg: ConfigDict) -> dict:
+  """The sample with `vqa_pass` (P(yes) >= threshold) and `kept` (parsed, and passing when the filter is on) set
+  from its recorded P(yes) under the current config."""
+  passed = sample["p_yes"] is not None and sample["p_yes"] >= ccfg.vqa_threshold
+  kept = sample["text"] is not None and (passed or not ccfg.vqa_filter)
+  return {**sample, "vqa_pass": bool(passed), "kept": bool(kept)}
+
+
 def calibrate_batch(calibrator: Calibrator, batch: list[dict], rng: Optional[jax.Array],
                     oracle: Optional[Oracle]) -> list[dict]:
-  """The finished sample records of one batch of mined records."""
+  """The finished sample records of one batch of mined records; `oracle` (or None) judges the rewrites."""
   ccfg = calibrator.ccfg
   raws, new_tokens = calibrator.rewrite([(r["reference"], r["instance"], r["text"]) for r in batch], rng)
-  parsed = [parse.parse_rewrite(raw, r["text"], ccfg.prompt_mode) for raw, r in zip(raws, batch)]
+  parsed = [_parse(calibrator, raw, r["text"]) for raw, r in zip(raws, batch)]
   ok = [k for k, p in enumerate(parsed) if p.text is not None]
   final, holistic, per_statement = calibrator.verify(
       [(batch[k]["reference"], batch[k]["instance"], parsed[k].text) for k in ok], [parsed[k].statements for k in ok])
@@ -185,24 +233,24 @@ def calibrate_batch(calibrator: Calibrator, batch: list[dict], rng: Optional[jax
         "original_text": r["text"], "original_captions": r["captions"], "original_targets": r["targets"],
         "instance_rank": r["instance_rank"], "gt_rank": r["gt_rank"],
         "instance_similarity": r["instance_similarity"], "gt_similarity": r["gt_similarity"],
-        "prompt_mode": ccfg.prompt_mode, "raw_generation": raw, "new_tokens": int(new_tokens[k]),
+        "prompt_mode": ccfg.prompt_mode, "rewriter": ccfg.rewriter, "raw_generation": raw,
+        "new_tokens": int(new_tokens[k]),
         "hit_max_new_tokens": int(new_tokens[k]) >= ccfg.max_new_tokens,
         "parse_status": p.reason, "model_text": p.model_text, "text": p.text, "statements": list(p.statements),
         "p_yes": None if j is None else float(final[j]),
         "p_yes_holistic": None if j is None else float(holistic[j]),
         "p_yes_statements": None if j is None else per_statement[j],
-        "kept": j is not None and bool(final[j] >= ccfg.vqa_threshold),
         "oracle_correct": None, "oracle_unparseable": None,
     }
     if oracle is not None and p.text is not None:
       rec["oracle_correct"], rec["oracle_unparseable"] = _judge(oracle, r["reference"], p.text, r["instance"])
-    out.append(rec)
+    out.append(apply_filter(rec, ccfg))
   return out
 
 
-def read_partial(path: str, prompt_mode: str) -> dict[str, dict]:
+def read_partial(path: str, prompt_mode: str, rewriter: str = "model") -> dict[str, dict]:
   """Finished samples of an interrupted run, by id. A torn last line (a crash mid-write) is cut off the file so
-  appending continues cleanly; a torn line elsewhere, or samples of another prompt mode, are errors."""
+  appending continues cleanly; a torn line elsewhere, or samples of another prompt mode or rewriter, are errors."""
   if not os.path.exists(path):
     return {}
   with open(path) as f:
@@ -220,8 +268,22 @@ def read_partial(path: str, prompt_mode: str) -> dict[str, dict]:
     if rec.get("prompt_mode") != prompt_mode:
       raise ValueError(f"{path}: sample {rec.get('id')} was generated with prompt mode {rec.get('prompt_mode')!r} "
                        f"but config calibrate.prompt_mode is {prompt_mode!r}; delete the file to start afresh")
+    if rec.get("rewriter", "model") != rewriter:
+      raise ValueError(f"{path}: sample {rec.get('id')} was written by rewriter {rec.get('rewriter', 'model')!r} "
+                       f"but config calibrate.rewriter is {rewriter!r}; delete the file to start afresh")
     done[rec["id"]] = rec
   return done
+
+
+def seed_partial(generations: str, out: str) -> str:
+  """Starts the calibrate run writing to `out` from another run's finished generations.jsonl (same mined records,
+  prompt mode and rewriter: checked on reading). Only the keep decision is made anew, under this run's config:
+  e.g. the same generations with and without the VQA filter. Returns the partial file."""
+  partial = os.path.join(out, PARTIAL)
+  if os.path.exists(partial):
+    raise FileExistsError(f"{partial} exists: this calibrate run has samples of its own")
+  artifacts.atomic_write_text(partial, pathlib.Path(generations).read_text())
+  return partial
 
 
 def corrective_triplet(sample: dict) -> dict:
@@ -237,6 +299,7 @@ def statistics(samples: list[dict], num_mined: int) -> dict:
       "mined": num_mined, "generated": len(samples), "parsed": parsed, "rejected": sum(reasons.values()),
       "rejected_by_reason": dict(sorted(reasons.items())), "verified": parsed, "kept": kept,
       "dropped_by_vqa": parsed - kept, "keep_rate": kept / len(samples) if samples else 0.0,
+      "below_vqa_threshold": sum(s["text"] is not None and not s["vqa_pass"] for s in samples),
       "hit_max_new_tokens": sum(s["hit_max_new_tokens"] for s in samples),
   }
   judged = [s for s in samples if s["oracle_correct"] is not None]
@@ -245,7 +308,7 @@ def statistics(samples: list[dict], num_mined: int) -> dict:
     stats["oracle"] = {
         "judged": len(judged), "rewrite_accuracy": float(np.mean([s["oracle_correct"] for s in judged])),
         "unparseable_by_oracle": sum(s["oracle_unparseable"] for s in judged),
-        "vqa_agreement": float(np.mean([s["kept"] == s["oracle_correct"] for s in judged])),
+        "vqa_agreement": float(np.mean([s["vqa_pass"] == s["oracle_correct"] for s in judged])),
         "precision_of_kept": (float(np.mean([s["oracle_correct"] for s in kept_judged])) if kept_judged else None),
     }
   return stats
@@ -258,10 +321,10 @@ def _sheet(samples: list[dict], images: dict, path: str, n: int) -> None:
     new = s["text"] if s["text"] is not None else f"(rejected: {s['parse_status']}) {s['raw_generation'][:80]!r}"
     p = "-" if s["p_yes"] is None else f"{s['p_yes']:.3f}"
     items.append({"reference": s["reference"], "text": f"original: {s['original_text']}\nnew: {new}\nP(yes) = {p}",
-                  "images": [(s["instance"], f"P(yes) {p}", "ok" if s["kept"] else "bad")]})
+                  "images": [(s["instance"], f"P(yes) {p}", "ok" if s["vqa_pass"] else "bad")]})
   if items:
     viz.triplet_sheet(items, lambda name: load_image(images[name]), path,
-                      title="calibrated: reference, instance (green = kept by VQA)")
+                      title="calibrated: reference, instance (green = passes the VQA threshold)")
 
 
 def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
@@ -286,11 +349,13 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
       model, tokenizer = common.load_base_model(cfg, workdir, common.foundation_checkpoint(cfg, workdir))
     sampler = Sampler(model, tokenizer, cache_buckets=ccfg.prompt_lengths)
   tokenizer = tokenizer or sampler.tokenizer
-  calibrator = Calibrator(sampler, tokenizer, ccfg, common.encode_config(cfg), pipeline.FileImages(images))
-  oracle = _oracle_for(images, records) if ccfg.oracle else None
+  world = _oracle_for(images, records) if ccfg.oracle or ccfg.rewriter == "oracle" else None
+  calibrator = Calibrator(sampler, tokenizer, ccfg, common.encode_config(cfg), pipeline.FileImages(images),
+                          oracle=world)
+  oracle = world if ccfg.oracle else None
 
   partial = os.path.join(out, PARTIAL)
-  done = read_partial(partial, ccfg.prompt_mode)
+  done = read_partial(partial, ccfg.prompt_mode, ccfg.rewriter)
   position = {r["id"]: k for k, r in enumerate(records)}
   pending = [r for r in records if r["id"] not in done]
   log.info("[calibrate] %d records (%d mined): %d done before, %d to generate", len(records), len(mined),
@@ -308,8 +373,8 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
       os.fsync(f.fileno())
       log.info("[calibrate] %s", progress.line(start + len(batch)))
 
-  done = read_partial(partial, ccfg.prompt_mode)
-  samples = [done[r["id"]] for r in records]
+  done = read_partial(partial, ccfg.prompt_mode, ccfg.rewriter)
+  samples = [apply_filter(done[r["id"]], ccfg) for r in records]
   artifacts.write_jsonl(os.path.join(out, GENERATIONS), samples)
   artifacts.write_jsonl(os.path.join(out, CORRECTIVE), [corrective_triplet(s) for s in samples if s["kept"]])
   sheet = os.path.join(out, SHEET)
@@ -319,6 +384,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
   log.info("[calibrate] %s", json.dumps({k: v for k, v in stats.items() if k != "oracle"}))
   return {
       "prompt_mode": ccfg.prompt_mode, "prompt_dir": ccfg.prompt_dir or prompt_files.PACKAGED_DIR,
+      "rewriter": ccfg.rewriter, "vqa_filter": bool(ccfg.vqa_filter),
       "max_records": ccfg.max_records, "vqa_threshold": ccfg.vqa_threshold, "answer_words": list(ccfg.answer_words),
       "answer_token_ids": calibrator.answer_ids, "decomposed_verification": bool(ccfg.decomposed_verification),
       "oracle": "scene graphs" if oracle is not None else "unavailable" if ccfg.oracle else "off",

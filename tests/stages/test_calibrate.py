@@ -184,6 +184,86 @@ def test_minimal_json_resume_after_crash(mined, tmp_path):
   assert not os.path.exists(partial) and artifacts.is_done(run_dir, "calibrate")
 
 
+def _run_dir(workdir, tmp_path, name):
+  os.makedirs(tmp_path / name)
+  return _fresh_run_dir(workdir, tmp_path / name)
+
+
+def test_vqa_filter_off_keeps_every_parsed_rewrite(mined, tmp_path):
+  """Table 4's "+ CoT generation" row: the same generations re-filtered, every parsed rewrite kept, P(yes) kept."""
+  workdir, model, tokenizer = mined
+  cfg = _config()
+  cfg.calibrate.prompt_mode = "staged_cot"
+  first = _run_dir(workdir, tmp_path, "first")
+  sampler = CountingSampler(model, tokenizer, cache_buckets=cfg.calibrate.prompt_lengths, script=SCRIPT)
+  _stage(cfg, first, sampler)
+  generations = os.path.join(first, "calibrate", calibrate.GENERATIONS)
+  parsed = [s for s in artifacts.read_jsonl(generations) if s["text"] is not None]
+  assert len(parsed) == 2 and parsed[0]["p_yes"] != parsed[1]["p_yes"]
+  # A threshold between the two P(yes): the filter keeps exactly one of them.
+  cfg.calibrate.vqa_threshold = float(np.mean([s["p_yes"] for s in parsed]))
+  runs = {}
+  for vqa_filter in (True, False):
+    cfg.calibrate.vqa_filter = vqa_filter
+    run_dir = _run_dir(workdir, tmp_path, f"filter_{vqa_filter}")
+    os.makedirs(os.path.join(run_dir, "calibrate"))
+    calibrate.seed_partial(generations, os.path.join(run_dir, "calibrate"))
+    idle = CountingSampler(model, tokenizer, cache_buckets=cfg.calibrate.prompt_lengths)
+    manifest = _stage(cfg, run_dir, idle)
+    assert idle.calls == 0  # nothing generated again: only the keep decision is new
+    samples = artifacts.read_jsonl(os.path.join(run_dir, "calibrate", calibrate.GENERATIONS))
+    corrective = artifacts.read_jsonl(os.path.join(run_dir, "calibrate", calibrate.CORRECTIVE))
+    runs[vqa_filter] = (manifest, samples, corrective)
+  (on, on_samples, on_kept), (off, off_samples, off_kept) = runs[True], runs[False]
+  assert [s["p_yes"] for s in on_samples] == [s["p_yes"] for s in off_samples]  # VQA scores still recorded
+  assert [s["vqa_pass"] for s in on_samples] == [s["vqa_pass"] for s in off_samples]
+  assert len(on_kept) == 1 and on["statistics"]["dropped_by_vqa"] == 1
+  assert [c["id"] for c in off_kept] == [s["id"] for s in parsed]
+  assert off["statistics"]["kept"] == off["statistics"]["parsed"] == 2 and off["statistics"]["dropped_by_vqa"] == 0
+  assert off["statistics"]["below_vqa_threshold"] == on["statistics"]["below_vqa_threshold"] == 1
+  assert (on["vqa_filter"], off["vqa_filter"]) == (True, False)
+
+
+def test_oracle_rewriter_writes_oracle_correct_rewrites(mined, tmp_path):
+  """The "oracle F" upper bound: the world's oracle writes every rewrite, F only verifies it."""
+  workdir, model, tokenizer = mined
+  cfg = _config()
+  cfg.calibrate.rewriter = "oracle"
+  run_dir = _run_dir(workdir, tmp_path, "oracle")
+  sampler = CountingSampler(model, tokenizer, cache_buckets=cfg.calibrate.prompt_lengths)
+  manifest = _stage(cfg, run_dir, sampler)
+  assert sampler.calls == 0 and manifest["rewriter"] == "oracle"
+  samples = artifacts.read_jsonl(os.path.join(run_dir, "calibrate", calibrate.GENERATIONS))
+  images = {}
+  for split in common.read_splits(cfg, workdir, "train"):
+    images.update(split.images)
+  oracle = Oracle(images)
+  written = [s for s in samples if s["text"] is not None]
+  assert len(written) >= RECORDS // 2
+  for s in samples:
+    assert s["rewriter"] == "oracle"
+    if s["text"] is None:
+      assert s["parse_status"] in (calibrate.ORACLE_NO_EDIT, "unchanged"), s["parse_status"]
+      continue
+    assert json.loads(s["raw_generation"])["segments"]  # the minimal-JSON answer F is taught to write
+    assert oracle.judge(s["reference"], s["text"], s["instance"]) and s["oracle_correct"]
+    assert not oracle.judge(s["reference"], s["text"], s["original_targets"][0]) or s["text"] == s["original_text"]
+    assert 0.0 <= s["p_yes"] <= 1.0  # still verified by F
+  assert manifest["statistics"]["oracle"]["rewrite_accuracy"] == 1.0
+
+
+def test_rewriter_is_checked(tmp_path):
+  path = str(tmp_path / calibrate.PARTIAL)
+  with open(path, "w") as f:
+    f.write(json.dumps({"id": "a", "prompt_mode": "minimal_json"}) + "\n")
+  with pytest.raises(ValueError, match="calibrate.rewriter"):
+    calibrate.read_partial(path, "minimal_json", "oracle")
+  cfg = _config()
+  cfg.calibrate.rewriter = "human"
+  with pytest.raises(ValueError, match="calibrate.rewriter"):
+    calibrate.Calibrator(None, None, cfg.calibrate, None, None)
+
+
 def test_prompt_mode_mismatch_on_resume_is_an_error(tmp_path):
   path = str(tmp_path / calibrate.PARTIAL)
   with open(path, "w") as f:
