@@ -27,6 +27,13 @@ def target_hits(ranking: np.ndarray, targets: Sequence[Sequence[int]]) -> np.nda
   return hits & (ranking >= 0)
 
 
+def first_hit_ranks(ranking: np.ndarray, targets: Sequence[Sequence[int]]) -> np.ndarray:
+  """Int (Q,): the 1-based rank of each query's first ground truth in its ranking, 0 when none is in it (R@k =
+  % of queries with 0 < rank <= k)."""
+  hits = target_hits(np.asarray(ranking), targets)
+  return np.where(hits.any(1), hits.argmax(1) + 1, 0)
+
+
 def _check_k(ranking: np.ndarray, k: int, complete: bool) -> None:
   if k < 1 or (k > ranking.shape[1] and not complete):
     raise ValueError(f"k={k} needs a ranking of at least k entries, have {ranking.shape[1]} "
@@ -79,14 +86,16 @@ def map_at_k(ranking: np.ndarray, targets: Sequence[Sequence[int]], ks: Sequence
 
 def fashioniq_summary(per_category: Mapping[str, Mapping[str, float]], ks: Sequence[int] = (10, 50)
                       ) -> dict[str, float]:
-  """Means over FashionIQ categories of R@k, plus "avg" = the mean of those means (the usual single number)."""
+  """Means over FashionIQ categories of every R@k they all report (mean_R@1, ...), plus "avg" = the mean of the
+  mean R@k over `ks` (the usual single number: R@10 and R@50)."""
   if not per_category:
     raise ValueError("fashioniq_summary needs at least one category")
-  out = {}
   for k in ks:
     missing = [c for c, m in per_category.items() if f"R@{k}" not in m]
     if missing:
       raise ValueError(f"categories {missing} have no R@{k}")
-    out[f"mean_R@{k}"] = float(np.mean([m[f"R@{k}"] for m in per_category.values()]))
+  shared = set.intersection(*(set(m) for m in per_category.values()))
+  recall_ks = sorted(int(key[2:]) for key in shared if key.startswith("R@"))
+  out = {f"mean_R@{k}": float(np.mean([m[f"R@{k}"] for m in per_category.values()])) for k in recall_ks}
   out["avg"] = float(np.mean([out[f"mean_R@{k}"] for k in ks]))
   return out

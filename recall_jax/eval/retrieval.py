@@ -72,7 +72,7 @@ def embed_in_batches(embed_fn: Callable[[Any], jax.Array], items: Any, batch_siz
 _PROTOCOL_KEYS = {
     "cirr": {"exclude_reference", "recall_ks", "subset_ks", "top_k"},
     "fashioniq": {"exclude_reference", "caption_join", "recall_ks", "top_k"},
-    "circo": {"exclude_reference", "map_ks", "top_k"},
+    "circo": {"exclude_reference", "map_ks", "recall_ks", "top_k"},
 }
 
 
@@ -85,9 +85,10 @@ def default_protocol(dataset: str) -> dict[str, Any]:
   if dataset == "cirr":
     return {"exclude_reference": True, "recall_ks": [1, 5, 10, 50], "subset_ks": [1, 2, 3], "top_k": 50}
   if dataset == "fashioniq":
-    return {"exclude_reference": True, "caption_join": "and", "recall_ks": [10, 50], "top_k": 50}
+    # The papers report R@10 / R@50; R@1 / R@5 too, so every layout has the same recall columns.
+    return {"exclude_reference": True, "caption_join": "and", "recall_ks": [1, 5, 10, 50], "top_k": 50}
   if dataset == "circo":
-    return {"exclude_reference": False, "map_ks": [5, 10, 25, 50], "top_k": 50}
+    return {"exclude_reference": False, "map_ks": [5, 10, 25, 50], "recall_ks": [1, 5, 10, 50], "top_k": 50}
   raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(_PROTOCOL_KEYS)}")
 
 
@@ -139,9 +140,8 @@ def rank_split(split: CIRSplit, query_emb: np.ndarray, gallery_emb: np.ndarray,
   return rank_gallery(query_emb, gallery_emb, exclude=exclude, top_k=top_k, subsets=subsets)
 
 
-def split_metrics(split: CIRSplit, ranking: Ranking, protocol: Mapping[str, Any]) -> dict[str, float]:
-  """The dataset's metrics from a ranking of this split (targets must be in the gallery)."""
-  check_protocol(split.dataset, protocol)
+def _target_indices(split: CIRSplit) -> list[list[int]]:
+  """Per query, the gallery indices of its ground truths (which must be in the gallery)."""
   index = _gallery_index(split)
   targets = []
   for q in split.queries:
@@ -151,11 +151,29 @@ def split_metrics(split: CIRSplit, ranking: Ranking, protocol: Mapping[str, Any]
     if missing:
       raise DataError(f"{q.source or q.qid}: ground truth {missing} not in the {split.dataset}/{split.split} gallery")
     targets.append([index[t] for t in q.targets])
+  return targets
+
+
+def ground_truth_ranks(split: CIRSplit, ranking: Ranking) -> dict[str, int | None]:
+  """{qid: 1-based rank of the query's first ground truth in the ranking}, None when it lies beyond the ranking's
+  top-k; the same ranks split_metrics counts, so R@k = % of queries with rank <= k."""
+  ranks = metrics.first_hit_ranks(ranking.indices, _target_indices(split))
+  out = {q.qid: (int(r) if r else None) for q, r in zip(split.queries, ranks)}
+  if len(out) != len(split.queries):
+    raise DataError(f"{split.dataset}/{split.split}: query ids are not unique")
+  return out
+
+
+def split_metrics(split: CIRSplit, ranking: Ranking, protocol: Mapping[str, Any]) -> dict[str, float]:
+  """The dataset's metrics from a ranking of this split (targets must be in the gallery)."""
+  check_protocol(split.dataset, protocol)
+  targets = _target_indices(split)
   # A ranking cut to the gallery size is complete: R@50 over 30 candidates is then exact.
   complete = ranking.indices.shape[1] < int(protocol["top_k"])
-  if split.dataset == "circo":
-    return metrics.map_at_k(ranking.indices, targets, protocol["map_ks"], complete=complete)
+  # R@k (any ground truth in the top k) for every dataset, so all layouts share the same recall columns.
   out = metrics.recall_at_k(ranking.indices, targets, protocol["recall_ks"], complete=complete)
+  if split.dataset == "circo":
+    out.update(metrics.map_at_k(ranking.indices, targets, protocol["map_ks"], complete=complete))
   if split.dataset == "cirr":
     out.update(metrics.recall_subset_at_k(ranking.subset, targets, protocol["subset_ks"]))
     out["Avg"] = metrics.cirr_avg(out)

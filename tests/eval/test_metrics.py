@@ -78,14 +78,15 @@ def test_fashioniq_per_category_and_summary(make_split, ref_order):
     protocol = retrieval.default_protocol("fashioniq")
     result = retrieval.evaluate_split(split, q_emb, g_emb, protocol)
     full, _ = _reference_rankings(split, q_emb, g_emb, protocol, ref_order)
-    for k in (10, 50):
+    assert list(result["metrics"]) == ["R@1", "R@5", "R@10", "R@50"]
+    for k in (1, 5, 10, 50):
       assert result["metrics"][f"R@{k}"] == pytest.approx(_recall(full, split, k), abs=1e-9)
     assert result["protocol"]["caption_join"] == "and" and result["category"] == cat
     per_cat[cat] = result["metrics"]
   summary = metrics.fashioniq_summary(per_cat)
-  r10 = sum(m["R@10"] for m in per_cat.values()) / 3
-  r50 = sum(m["R@50"] for m in per_cat.values()) / 3
-  assert summary == pytest.approx({"mean_R@10": r10, "mean_R@50": r50, "avg": (r10 + r50) / 2})
+  mean = {k: sum(m[f"R@{k}"] for m in per_cat.values()) / 3 for k in (1, 5, 10, 50)}
+  assert summary == pytest.approx({**{f"mean_R@{k}": v for k, v in mean.items()},
+                                   "avg": (mean[10] + mean[50]) / 2})
 
 
 def test_circo_map_with_several_ground_truths(make_split, ref_order):
@@ -102,6 +103,8 @@ def test_circo_map_with_several_ground_truths(make_split, ref_order):
   for k in (5, 10, 25, 50):
     expect = 100.0 * np.mean([_ap(r, set(q.targets), k) for r, q in zip(full, split.queries)])
     assert result["metrics"][f"mAP@{k}"] == pytest.approx(expect, abs=1e-9)
+  for k in (1, 5, 10, 50):  # any ground truth in the top k
+    assert result["metrics"][f"R@{k}"] == pytest.approx(_recall(full, split, k), abs=1e-9)
 
 
 def test_map_and_recall_on_a_hand_made_ranking():
@@ -138,3 +141,13 @@ def test_protocol_and_split_errors(make_split):
   test_split, q_emb, g_emb = make_split("cirr", num_q=5, num_g=20, seed=3, with_targets=False)
   with pytest.raises(ValueError, match="test.json#0: no ground truth"):
     retrieval.evaluate_split(test_split, q_emb, g_emb, retrieval.default_protocol("cirr"))
+
+
+def test_first_hit_ranks_agree_with_recall():
+  ranking = np.array([[3, 1, 4, 0], [2, 0, 1, 3], [7, 8, 9, 6]])
+  targets = [[1, 0], [2], [5]]
+  ranks = metrics.first_hit_ranks(ranking, targets)
+  assert ranks.tolist() == [2, 1, 0]  # 0: the ground truth is not in the ranking at all
+  for k in (1, 2, 4):
+    assert metrics.recall_at_k(ranking, targets, [k])[f"R@{k}"] == pytest.approx(
+        100 * np.mean((ranks > 0) & (ranks <= k)))
