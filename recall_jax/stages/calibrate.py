@@ -305,11 +305,15 @@ def statistics(samples: list[dict], num_mined: int) -> dict:
   judged = [s for s in samples if s["oracle_correct"] is not None]
   if judged:
     kept_judged = [s for s in judged if s["kept"]]
+    dropped_judged = [s for s in judged if not s["kept"]]
     stats["oracle"] = {
         "judged": len(judged), "rewrite_accuracy": float(np.mean([s["oracle_correct"] for s in judged])),
         "unparseable_by_oracle": sum(s["oracle_unparseable"] for s in judged),
         "vqa_agreement": float(np.mean([s["vqa_pass"] == s["oracle_correct"] for s in judged])),
         "precision_of_kept": (float(np.mean([s["oracle_correct"] for s in kept_judged])) if kept_judged else None),
+        # How many of the triplets the VQA filter threw away were right after all (its false rejections).
+        "precision_of_dropped": (float(np.mean([s["oracle_correct"] for s in dropped_judged]))
+                                 if dropped_judged else None),
     }
   return stats
 

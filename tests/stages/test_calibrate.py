@@ -288,3 +288,17 @@ def test_prompt_templates_from_another_directory(tmp_path):
   (tmp_path / "verify.txt").write_text("no placeholder")
   with pytest.raises(ValueError, match="exactly once"):
     prompt_files.load_template("verify", str(tmp_path))
+
+
+def test_statistics_precision_of_kept_and_of_dropped():
+  def sample(kept, correct, status="ok"):
+    return {"parse_status": status, "text": "t" if status == "ok" else None, "kept": kept, "vqa_pass": kept,
+            "hit_max_new_tokens": False, "oracle_correct": correct,
+            "oracle_unparseable": False if correct is not None else None}
+  samples = [sample(True, True), sample(True, False), sample(False, True), sample(False, False),
+             sample(False, False), sample(False, None, status="no_json")]
+  stats = calibrate.statistics(samples, num_mined=9)
+  assert (stats["parsed"], stats["kept"], stats["dropped_by_vqa"], stats["rejected"]) == (5, 2, 3, 1)
+  assert stats["oracle"]["precision_of_kept"] == pytest.approx(1 / 2)
+  assert stats["oracle"]["precision_of_dropped"] == pytest.approx(1 / 3)  # the VQA filter's false rejections
+  assert calibrate.statistics(samples[:2], 2)["oracle"]["precision_of_dropped"] is None
