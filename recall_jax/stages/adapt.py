@@ -1,4 +1,4 @@
-"""Stage 1, baseline adaptation: LoRA/DoRA on the foundation model, InfoNCE on the training triplets, best
+"""Stage 1, baseline adaptation: LoRA/DoRA on the foundation model (`common.foundation_checkpoint`), InfoNCE on the training triplets, best
 checkpoint by validation retrieval; the adapters are exported in PEFT format to <workdir>/adapt/adapters."""
 
 from __future__ import annotations
@@ -61,4 +61,7 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
   splits = common.read_splits(cfg, workdir, "train")
   queries = [q for s in splits for q in s.queries]
   log.info("[adapt] %d training triplets", len(queries))
-  return train_on(cfg, workdir, out, queries, merged_images(splits), grouped=False)
+  manifest = train_on(cfg, workdir, out, queries, merged_images(splits), grouped=False)
+  # The base these adapters belong to (R_base starts from F): checked whenever they are merged again.
+  manifest["base_checkpoint"] = common.foundation_checkpoint(cfg, workdir)
+  return manifest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any, Callable, Iterable
 
@@ -31,6 +32,56 @@ def read_jsonl(path: str) -> list[dict]:
         except json.JSONDecodeError as e:
           raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e})") from e
   return out
+
+
+# ReCALL's loop: (mine -> calibrate -> refine) repeated config `rounds` times. Round 1 keeps the plain folders
+# <workdir>/mine, ... (as before rounds existed); round r >= 2 lives in <workdir>/round<r>/mine, .... A stage name
+# is its folder relative to the workdir, so resume by manifest works per round with no extra bookkeeping.
+ROUND_STAGES = ("mine", "calibrate", "refine")
+_ROUND_NAME = re.compile(r"^round(\d+)/(\w+)$")
+
+
+def round_stage(stage: str, round_num: int) -> str:
+  """The stage name (= folder) of `stage` in round `round_num`: "mine" (round 1), "round2/mine", ...."""
+  if stage not in ROUND_STAGES:
+    raise ValueError(f"{stage!r} is not a round stage; round stages are {ROUND_STAGES}")
+  if round_num < 1:
+    raise ValueError(f"rounds count from 1, got {round_num}")
+  return stage if round_num == 1 else f"round{round_num}/{stage}"
+
+
+def parse_stage(name: str) -> tuple[str, int]:
+  """(stage, round) of a stage name: "round2/mine" -> ("mine", 2); "mine" -> ("mine", 1); "adapt" -> ("adapt", 0)."""
+  m = _ROUND_NAME.match(name)
+  if m:
+    stage, round_num = m.group(2), int(m.group(1))
+    if stage not in ROUND_STAGES or round_num < 2:
+      raise ValueError(f"stage {name!r}: only {ROUND_STAGES} have round folders, from round2/ on (round 1 is the "
+                       "plain name)")
+    return stage, round_num
+  return name, 1 if name in ROUND_STAGES else 0
+
+
+def round_tag(round_num: int) -> str:
+  """The name of round `round_num`'s refined model in evaluation and report outputs: "round1", "round2", ...."""
+  return f"round{round_num}"
+
+
+def expand_stages(stages: list[str], rounds: int) -> list[str]:
+  """Repeats the contiguous block of plain round stages (mine, calibrate, refine in the given order) `rounds` times,
+  round r >= 2 under round<r>/; names that already carry a round ("round2/mine") stay as they are."""
+  if not isinstance(rounds, int) or rounds < 1:
+    raise ValueError(f"config rounds must be an int >= 1, got {rounds!r}")
+  where = [i for i, s in enumerate(stages) if s in ROUND_STAGES]
+  if not where:
+    return list(stages)
+  if where != list(range(where[0], where[-1] + 1)):
+    raise ValueError(f"stages {stages}: the round stages {ROUND_STAGES} must be adjacent (config stages / --stages)")
+  block = [stages[i] for i in where]
+  if len(set(block)) != len(block):
+    raise ValueError(f"stages {stages}: a round stage is listed twice")
+  looped = [round_stage(s, r) for r in range(1, rounds + 1) for s in block]
+  return stages[:where[0]] + looped + stages[where[-1] + 1:]
 
 
 def stage_dir(workdir: str, stage: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
@@ -15,13 +17,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def load_base_model(cfg: ConfigDict, workdir: str, checkpoint: str | None = None, *, mesh=None):
-  """(model, tokenizer) from the base checkpoint (the configured one, or the tiny one of the prepare stage), or
-  from `checkpoint` when given. With a mesh, every tensor is read once and placed straight onto its sharding
-  (config sharding.rules; replicated by default)."""
+  """(model, tokenizer) from the base checkpoint (`foundation_checkpoint`: teach's when it has finished, else the
+  configured or prepare's tiny one), or from `checkpoint` when given. With a mesh, every tensor is read once and
+  placed straight onto its sharding (config sharding.rules; replicated by default)."""
   from transformers import AutoTokenizer
   if cfg.model.dtype not in DTYPES:
     raise ValueError(f"config model.dtype must be one of {sorted(DTYPES)}, got {cfg.model.dtype!r}")
-  path = checkpoint or prepare.checkpoint_dir(cfg, workdir)
+  path = checkpoint or foundation_checkpoint(cfg, workdir)
   from recall_jax import parallel
   model = qwen2_5_vl.from_pretrained(path, dtype=DTYPES[cfg.model.dtype], mesh=mesh,
                                      shardings=(parallel.rules_from_config(cfg) or None) if mesh is not None else None,
@@ -35,33 +37,72 @@ def training_mesh(cfg: ConfigDict):
 
 
 def foundation_checkpoint(cfg: ConfigDict, workdir: str) -> str:
-  """The generative foundation model of Stage 3: the teach stage's fine-tuned checkpoint when that stage has
-  finished, else the base checkpoint."""
+  """The foundation model F: the teach stage's fine-tuned checkpoint when that stage has finished, else the base
+  checkpoint (config model.checkpoint, or prepare's tiny one). Stage 3 generates with it, and the retriever is
+  initialised from it (adapt, mine, refine, evaluate), as R_base is from F in the paper."""
   from recall_jax.stages import artifacts
   if artifacts.is_done(workdir, "teach"):
     return artifacts.read_manifest(workdir, "teach")["checkpoint"]
   return prepare.checkpoint_dir(cfg, workdir)
 
 
-def latest_adapters(workdir: str) -> str | None:
-  """The adapters of the most advanced finished training stage (refine, then adapt), or None."""
+def round_start_stage(round_num: int) -> str:
+  """The training stage whose adapters round `round_num` mines with and refines from: adapt for round 1, the
+  previous round's refine after that."""
   from recall_jax.stages import artifacts
-  for stage in ("refine", "adapt"):
-    if artifacts.is_done(workdir, stage):
-      return artifacts.read_manifest(workdir, stage)["adapter_dir"]
-  return None
+  return "adapt" if round_num == 1 else artifacts.round_stage("refine", round_num - 1)
 
 
-def load_retriever(cfg: ConfigDict, workdir: str):
-  """(model, tokenizer, adapter_dir): the base model with the latest trained adapters merged in (base alone before
-  Stage 1)."""
+def finished_rounds(cfg: ConfigDict, workdir: str) -> list[int]:
+  """The rounds 1..config rounds whose refine has finished."""
+  from recall_jax.stages import artifacts
+  return [r for r in range(1, cfg.rounds + 1) if artifacts.is_done(workdir, artifacts.round_stage("refine", r))]
+
+
+def latest_adapters(cfg: ConfigDict, workdir: str) -> str | None:
+  """The training stage (name) with the most advanced finished adapters: the last round's refine that finished
+  (up to config rounds), then adapt; None before Stage 1."""
+  from recall_jax.stages import artifacts
+  done = finished_rounds(cfg, workdir)
+  if done:
+    return artifacts.round_stage("refine", done[-1])
+  return "adapt" if artifacts.is_done(workdir, "adapt") else None
+
+
+def trained_adapters(cfg: ConfigDict, workdir: str, stage: str) -> str:
+  """The adapter dir of a finished training stage, checked against the base they go on: adapters trained on one
+  base (e.g. prepare's) must not be merged into another (teach's, when teach finished later)."""
+  from recall_jax.stages import artifacts
+  manifest = artifacts.read_manifest(workdir, stage)
+  base, trained_on = foundation_checkpoint(cfg, workdir), manifest.get("base_checkpoint")
+  if trained_on is not None and os.path.abspath(trained_on) != os.path.abspath(base):
+    raise ValueError(f"the adapters of stage {stage!r} ({manifest['adapter_dir']}) were trained on {trained_on}, "
+                     f"but the base checkpoint is now {base}; rerun {stage} (remove its folder) on this base")
+  return manifest["adapter_dir"]
+
+
+def load_retriever(cfg: ConfigDict, workdir: str, stage: str | None = None):
+  """(model, tokenizer, adapter_dir): the base model (`foundation_checkpoint`) with the adapters of training stage
+  `stage` merged in ("adapt", "refine", "round2/refine", ...; None: `latest_adapters`, base alone before Stage 1)."""
   from recall_jax.models import lora
+  stage = stage or latest_adapters(cfg, workdir)
+  adapter_dir = trained_adapters(cfg, workdir, stage) if stage else None
   model, tokenizer = load_base_model(cfg, workdir)
-  adapter_dir = latest_adapters(workdir)
   if adapter_dir:
     lora.import_peft(model, adapter_dir)
     lora.merge_lora(model)
   return model, tokenizer, adapter_dir
+
+
+def round_retriever(cfg: ConfigDict, workdir: str, round_num: int):
+  """(model, tokenizer, adapter_dir) that round `round_num` mines with: `round_start_stage`'s adapters on the base.
+  Round 1 before Stage 1 has finished mines with the base model alone (adapter_dir None, as its manifest records);
+  a later round without the previous round's refine is an error."""
+  from recall_jax.stages import artifacts
+  stage = round_start_stage(round_num)
+  if round_num == 1 and not artifacts.is_done(workdir, stage):
+    return (*load_base_model(cfg, workdir), None)
+  return load_retriever(cfg, workdir, stage)
 
 
 def encode_config(cfg: ConfigDict) -> pipeline.EncodeConfig:

@@ -37,3 +37,40 @@ def test_read_jsonl_names_file_and_line(tmp_path):
   with pytest.raises(FileNotFoundError, match="has not finished"):
     artifacts.read_manifest(str(tmp_path), "calibrate")
   assert json.loads(artifacts.atomic_write_json(str(tmp_path / "m.json"), {"b": 2}) and (tmp_path / "m.json").read_text()) == {"b": 2}
+
+
+def test_round_stage_names_are_their_folders():
+  assert [artifacts.round_stage("mine", r) for r in (1, 2, 3)] == ["mine", "round2/mine", "round3/mine"]
+  assert artifacts.stage_dir("/w", artifacts.round_stage("refine", 2)) == "/w/round2/refine"
+  assert artifacts.parse_stage("round2/calibrate") == ("calibrate", 2)
+  assert artifacts.parse_stage("mine") == ("mine", 1) and artifacts.parse_stage("adapt") == ("adapt", 0)
+  for bad in ("round1/mine", "round2/adapt"):
+    with pytest.raises(ValueError, match="round folders"):
+      artifacts.parse_stage(bad)
+  with pytest.raises(ValueError, match="not a round stage"):
+    artifacts.round_stage("adapt", 2)
+
+
+def test_expand_stages_repeats_the_round_block():
+  demo = "prepare,teach,adapt,mine,calibrate,refine,evaluate,report".split(",")
+  assert artifacts.expand_stages(demo, 1) == demo
+  assert artifacts.expand_stages(demo, 2) == [
+      "prepare", "teach", "adapt", "mine", "calibrate", "refine", "round2/mine", "round2/calibrate",
+      "round2/refine", "evaluate", "report"]
+  assert artifacts.expand_stages(["mine"], 3) == ["mine", "round2/mine", "round3/mine"]  # a plain name: every round
+  assert artifacts.expand_stages(["round2/mine", "evaluate"], 2) == ["round2/mine", "evaluate"]
+  assert artifacts.expand_stages(["prepare", "evaluate"], 2) == ["prepare", "evaluate"]
+  with pytest.raises(ValueError, match="must be adjacent"):
+    artifacts.expand_stages(["mine", "evaluate", "refine"], 2)
+  with pytest.raises(ValueError, match="config rounds"):
+    artifacts.expand_stages(demo, 0)
+
+
+def test_resume_is_per_round_folder(tmp_path):
+  calls = []
+  for stage in ("mine", "round2/mine", "mine"):
+    artifacts.run_stage(str(tmp_path), stage, lambda out, s=stage: calls.append(s) or {"stage": s},
+                        log=lambda _: None)
+  assert calls == ["mine", "round2/mine"]
+  assert artifacts.read_manifest(str(tmp_path), "round2/mine")["stage"] == "round2/mine"
+  assert (tmp_path / "round2" / "mine" / artifacts.MANIFEST).exists()
