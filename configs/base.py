@@ -10,6 +10,9 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.stages = "adapt,mine,calibrate,refine,evaluate"
+  # ReCALL's loop: (mine -> calibrate -> refine) this many times after adapt; round r >= 2 mines with round r-1's
+  # refined retriever and writes under <workdir>/round<r>/ (the released code runs 1).
+  c.rounds = 1
 
   c.world = ml_collections.ConfigDict()
   c.world.scale = "demo"  # synthetic world only (prepare stage): tiny | demo | large

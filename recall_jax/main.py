@@ -2,6 +2,9 @@
 
 Runs the configured stages in order; each writes its artifacts under DIR/<stage>/ and is skipped when its manifest
 exists, so an interrupted run resumes where it stopped. The config used is written to DIR/config.json.
+With config rounds = R, the round stages (mine, calibrate, refine) in the list run R times: round 1 in DIR/mine, ...,
+round r >= 2 in DIR/round<r>/mine, ... (`artifacts.expand_stages`). A plain name in --stages means every round;
+"round2/mine" names one.
 """
 
 from __future__ import annotations
@@ -29,16 +32,29 @@ def _stage_fns():
           "calibrate": calibrate.run, "refine": refine.run, "evaluate": evaluate.run}
 
 
+def _stage_call(fns: dict, cfg, workdir: str, name: str):
+  """out_dir -> manifest for one (possibly round-qualified) stage name."""
+  stage, round_num = artifacts.parse_stage(name)
+  if stage not in fns:
+    raise ValueError(f"unknown stage {name!r} (config.stages / --stages); available: {list(fns)} "
+                     f"(round stages also as round<r>/<stage>)")
+  if round_num > cfg.rounds:
+    raise ValueError(f"stage {name!r} is beyond config rounds = {cfg.rounds}")
+  if round_num:
+    return lambda d: fns[stage](cfg, workdir, d, round_num=round_num)
+  return lambda d: fns[stage](cfg, workdir, d)
+
+
 def run(cfg, workdir: str, stages: list[str]) -> dict:
+  """Runs `stages` (expanded over config rounds) in order; returns {stage name: manifest}."""
   fns = _stage_fns()
-  unknown = [s for s in stages if s not in fns]
-  if unknown:
-    raise ValueError(f"unknown stages {unknown} (config.stages / --stages); available: {list(fns)}")
+  stages = artifacts.expand_stages(list(stages), cfg.rounds)
+  calls = {name: _stage_call(fns, cfg, workdir, name) for name in stages}  # every name checked before any runs
   os.makedirs(workdir, exist_ok=True)
   artifacts.atomic_write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort()))
   out = {}
   for stage in stages:
-    out[stage] = artifacts.run_stage(workdir, stage, lambda d, s=stage: fns[s](cfg, workdir, d), log=log.info)
+    out[stage] = artifacts.run_stage(workdir, stage, calls[stage], log=log.info)
   return out
 
 

@@ -1,8 +1,14 @@
-"""Embedding a whole split with a model: Grain eval batches (fixed shapes) -> sharded jitted embedding -> host fp32."""
+"""Embedding a whole split with a model: Grain eval batches (fixed shapes) -> sharded jitted embedding -> host fp32.
+
+Nothing here is cached between calls: every call embeds with the model it is given. (ReCALL's PyTorch code keeps an
+embedding cache keyed by the file list only, so a second mining round silently reuses the first round's embeddings;
+`fingerprint` lets a stage record what it embedded so tests and the report can tell.)
+"""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from typing import Any, Optional
 
@@ -73,3 +79,13 @@ def encode_split(model, split: CIRSplit, *, tokenizer: Any, encode_cfg: pipeline
   q = _embed_dataset(model, queries, "query", len(split.queries), mesh, f"embed {name} queries")
   g = _embed_dataset(model, gallery, "target", len(split.gallery), mesh, f"embed {name} gallery")
   return q, g
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+  """A short digest of embeddings (fp32 bytes and shapes): equal digests = the very same embeddings."""
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(a, np.float32)
+    h.update(str(a.shape).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]

@@ -332,12 +332,14 @@ def _sheet(samples: list[dict], images: dict, path: str, n: int) -> None:
 
 
 def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
-        sampler: Optional[Sampler] = None) -> dict:
-  """Calibrates the mine stage's records with the frozen base model (or the given model / sampler)."""
+        sampler: Optional[Sampler] = None, round_num: int = 1) -> dict:
+  """Calibrates the records of round `round_num`'s mine stage with the frozen foundation model (or the given model
+  / sampler)."""
   ccfg = cfg.calibrate
-  if not artifacts.is_done(workdir, "mine"):
-    raise FileNotFoundError(f"stage 'mine' has not finished in {workdir} (run --stages mine first)")
-  mined = artifacts.read_jsonl(os.path.join(artifacts.stage_dir(workdir, "mine"), mine.MINED))
+  mined_stage = artifacts.round_stage("mine", round_num)
+  if not artifacts.is_done(workdir, mined_stage):
+    raise FileNotFoundError(f"stage {mined_stage!r} has not finished in {workdir} (run --stages {mined_stage} first)")
+  mined = artifacts.read_jsonl(os.path.join(artifacts.stage_dir(workdir, mined_stage), mine.MINED))
   records = mined[:ccfg.max_records] if ccfg.max_records else mined
   ids = collections.Counter(r["id"] for r in records)
   if len(ids) != len(records):
@@ -387,6 +389,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
   stats = statistics(samples, len(mined))
   log.info("[calibrate] %s", json.dumps({k: v for k, v in stats.items() if k != "oracle"}))
   return {
+      "round": round_num, "mined_from": mined_stage,
       "prompt_mode": ccfg.prompt_mode, "prompt_dir": ccfg.prompt_dir or prompt_files.PACKAGED_DIR,
       "rewriter": ccfg.rewriter, "vqa_filter": bool(ccfg.vqa_filter),
       "max_records": ccfg.max_records, "vqa_threshold": ccfg.vqa_threshold, "answer_words": list(ccfg.answer_words),

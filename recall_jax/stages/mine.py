@@ -195,21 +195,24 @@ def _sheet(records: list[dict], images: dict, path: str, n: int, title: str) -> 
     viz.triplet_sheet(items, lambda name: load_image(images[name]), path, title=title)
 
 
-def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None, mesh=None) -> dict:
-  """Mines cfg.mine.split with `model` (default: the latest retriever, i.e. base + the Stage-1 adapters); returns
-  the manifest, which names the adapters used."""
+def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None, mesh=None,
+        round_num: int = 1) -> dict:
+  """Mines cfg.mine.split with `model` (default: round `round_num`'s retriever, base + the adapters of
+  `common.round_start_stage`: adapt's in round 1, the previous round's refine after); returns the manifest, which
+  names the adapters used and fingerprints the embeddings."""
   mcfg = cfg.mine
   if mcfg.strategy not in STRATEGIES:
     raise ValueError(f"config mine.strategy must be one of {STRATEGIES}, got {mcfg.strategy!r}")
   adapter_dir = None
   if model is None:
-    model, tokenizer, adapter_dir = common.load_retriever(cfg, workdir)
+    model, tokenizer, adapter_dir = common.round_retriever(cfg, workdir, round_num)
   encode_cfg = common.encode_config(cfg)
-  records, splits, images = [], {}, {}
+  records, splits, images, fingerprints = [], {}, {}, {}
   for split in common.read_splits(cfg, workdir, mcfg.split):
     tag = split.dataset + (f"_{split.category}" if split.category else "")
     q, g = encode.encode_split(model, split, tokenizer=tokenizer, encode_cfg=encode_cfg,
                                batch_size=mcfg.batch_size, mesh=mesh)
+    fingerprints[tag] = encode.fingerprint(q, g)
     split_records, splits[tag] = mine_split(split, q, g, mcfg, cfg.data.caption_join)
     log.info("[mine] %s: %d/%d queries fail, %d instances", tag, splits[tag]["failures"], splits[tag]["queries"],
              len(split_records))
@@ -223,7 +226,9 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None, 
   failures = sum(s["failures"] for s in splits.values())
   failing_instances = sum(s["instances_per_failing_query"] * s["failures"] for s in splits.values())
   return {
-      "retriever_adapters": adapter_dir, "strategy": mcfg.strategy, "top_k": mcfg.top_k, "max_per_query": mcfg.max_per_query, "split": mcfg.split,
+      "round": round_num, "retriever_adapters": adapter_dir, "embedding_fingerprints": fingerprints,
+      "strategy": mcfg.strategy, "top_k": mcfg.top_k,
+      "max_per_query": mcfg.max_per_query, "split": mcfg.split,
       "queries": queries, "failures": failures, "failure_rate": failures / max(queries, 1),
       "instances": len(records), "instances_per_failing_query": failing_instances / failures if failures else 0.0,
       "splits": splits, "outputs": {"mined": os.path.join(out, MINED),

@@ -30,9 +30,12 @@ def corrective_queries(path: str) -> list[Query]:
   return out
 
 
-def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
-  stage1 = artifacts.read_manifest(workdir, "adapt")
-  calibrated = artifacts.read_manifest(workdir, "calibrate")
+def run(cfg: ConfigDict, workdir: str, out: str, *, round_num: int = 1) -> dict:
+  """Round `round_num`: starts from `common.round_start_stage`'s adapters (adapt's, then the previous round's) and
+  trains on this round's corrective.jsonl."""
+  start = common.round_start_stage(round_num)
+  start_adapters = common.trained_adapters(cfg, workdir, start)  # checked against the base they go on
+  calibrated = artifacts.read_manifest(workdir, artifacts.round_stage("calibrate", round_num))
   splits = common.read_splits(cfg, workdir, "train")
   originals = [q for s in splits for q in s.queries]
   corrective = corrective_queries(calibrated["outputs"]["corrective"])
@@ -47,9 +50,10 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
     rcfg.loss.infonce_weight = cfg.refine.infonce_weight
     rcfg.loss.margin = cfg.refine.margin
   model, tokenizer = common.load_base_model(cfg, workdir, mesh=common.training_mesh(cfg))
-  lora.import_peft(model, stage1["adapter_dir"])  # continue from R_base; the trainer starts a fresh optimizer
+  lora.import_peft(model, start_adapters)  # continue from R_base (or round r-1); the trainer starts a fresh optimizer
   manifest = adapt.train_on(rcfg, workdir, out, queries, adapt.merged_images(splits), grouped=True, model=model,
                             tokenizer=tokenizer)
   manifest.update(original_triplets=len(originals), corrective_triplets=len(corrective),
-                  initialised_from=stage1["adapter_dir"])
+                  initialised_from=start_adapters, round=round_num,
+                  base_checkpoint=common.foundation_checkpoint(cfg, workdir))
   return manifest
