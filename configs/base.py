@@ -9,7 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
   """ReCALL on CIRR with Qwen2.5-VL-7B-Instruct (the paper's hyperparameters); other configs override this."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.stages = "adapt,mine,calibrate,refine,evaluate"
+  c.stages = "adapt,mine,calibrate,refine,evaluate,report"
   # ReCALL's loop: (mine -> calibrate -> refine) this many times after adapt; round r >= 2 mines with round r-1's
   # refined retriever and writes under <workdir>/round<r>/ (the released code runs 1).
   c.rounds = 1
@@ -43,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 64
   c.eval.exclude_reference = ml_collections.config_dict.placeholder(bool)  # None: the dataset's protocol default
   c.eval.sheet_queries = 8
+  # Per val query, the foundation model's P(yes) of the calibrate verify prompt over (reference, ground truth, text),
+  # for the report's Fig.-1 panel (R@1 over the queries F verifies); batches of calibrate.batch_size.
+  c.eval.foundation_verification = True
 
   c.lora = ml_collections.ConfigDict()
   c.lora.target_regex = ""  # empty: the effective ReCALL set (LLM q/k/v/o/down, vision MLP down)

@@ -27,9 +27,9 @@ log = logging.getLogger("recall_jax")
 
 
 def _stage_fns():
-  from recall_jax.stages import adapt, calibrate, evaluate, mine, prepare, refine, teach
+  from recall_jax.stages import adapt, calibrate, evaluate, mine, prepare, refine, report, teach
   return {"prepare": prepare.run, "teach": teach.run, "adapt": adapt.run, "mine": mine.run,
-          "calibrate": calibrate.run, "refine": refine.run, "evaluate": evaluate.run}
+          "calibrate": calibrate.run, "refine": refine.run, "evaluate": evaluate.run, "report": report.run}
 
 
 def _stage_call(fns: dict, cfg, workdir: str, name: str):

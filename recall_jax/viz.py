@@ -1,4 +1,5 @@
-"""Contact sheets: results people look at (retrievals, mined failures, generated texts) as PNG pictures."""
+"""Pictures people look at instead of JSON: contact sheets (retrievals, mined failures, generated texts) and the
+report's charts (grouped bars, tables) composed into one PNG. PIL only."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Callable, Optional, Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 GREEN, RED, GREY = (40, 170, 60), (210, 50, 50), (150, 150, 150)
+# Bar colours of the report's series, in order (baseline first): grey-blue, then warm colours for refined rounds.
+SERIES_COLOURS = ((110, 130, 170), (230, 120, 40), (200, 60, 90), (120, 70, 160), (60, 150, 140))
 
 
 def _font(size: int = 12) -> ImageFont.ImageFont:
@@ -58,9 +61,14 @@ def contact_sheet_rows(
         chars = max(8, thumb // 6)
         shown = label if len(label) <= chars else label[:chars - 1] + "…"
         draw.text((x, y + thumb + 4), shown, fill="black", font=font)
+  return save_png(sheet, path)
+
+
+def save_png(img: Image.Image, path: str) -> str:
+  """Writes `img` atomically (a crash never leaves half a picture); returns the path."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp.png"
-  sheet.save(tmp)
+  img.save(tmp)
   os.replace(tmp, path)
   return path
 
@@ -91,3 +99,84 @@ def triplet_sheet(items: Sequence[dict], load: Callable[[str], Image.Image], pat
   rows = [{"text": it["text"] + (f"\n{it[extra_key]}" if extra_key and it.get(extra_key) else ""),
            "images": [(it["reference"], "reference", None), *it["images"]]} for it in items]
   return contact_sheet_rows(rows, load, path, title=title)
+
+
+def bar_chart(title: str, groups: Sequence[str], series: Sequence[tuple[str, Sequence[Optional[float]]]], *,
+              y_max: float = 100.0, width: int = 520, height: int = 260, value_format: str = "{:.1f}") -> Image.Image:
+  """Grouped vertical bars: one group per entry of `groups`, one bar per (name, values) series; None = no bar
+  (drawn as "n/a"). Values are labelled above their bars; a legend names the series."""
+  font, small = _font(12), _font(10)
+  img = Image.new("RGB", (width, height), "white")
+  draw = ImageDraw.Draw(img)
+  draw.text((8, 4), title, fill="black", font=_font(14))
+  left, right, top, bottom = 36, 8, 44, 40
+  plot_w, plot_h = width - left - right, height - top - bottom
+  for frac in (0.0, 0.5, 1.0):  # axis and two grid lines
+    y = top + plot_h - frac * plot_h
+    draw.line([left, y, width - right, y], fill=GREY if frac else "black", width=1)
+    draw.text((2, y - 6), value_format.format(frac * y_max), fill="black", font=small)
+  n_groups, n_series = max(len(groups), 1), max(len(series), 1)
+  group_w = plot_w / n_groups
+  bar_w = max(2.0, (group_w - 10) / n_series)
+  for g, name in enumerate(groups):
+    x0 = left + g * group_w + 5
+    for k, (_, values) in enumerate(series):
+      v = values[g] if g < len(values) else None
+      x = x0 + k * bar_w
+      if v is None:
+        draw.text((x, top + plot_h - 12), "n/a", fill=GREY, font=small)
+        continue
+      h = max(0.0, min(v / y_max, 1.0)) * plot_h
+      draw.rectangle([x, top + plot_h - h, x + bar_w - 2, top + plot_h], fill=SERIES_COLOURS[k % len(
+          SERIES_COLOURS)])
+      draw.text((x, top + plot_h - h - 11), value_format.format(v), fill="black", font=small)
+    label = name if len(name) <= int(group_w // 6) else name[:max(1, int(group_w // 6) - 1)] + "…"
+    draw.text((x0, top + plot_h + 4), label, fill="black", font=font)
+  x = left
+  for k, (name, _) in enumerate(series):  # legend
+    draw.rectangle([x, 26, x + 10, 36], fill=SERIES_COLOURS[k % len(SERIES_COLOURS)])
+    draw.text((x + 14, 25), name, fill="black", font=small)
+    x += 20 + 7 * len(name)
+  return img
+
+
+def table_image(title: str, header: Sequence[str], rows: Sequence[Sequence[object]], *,
+                col_width: int = 86, first_col_width: int = 150) -> Image.Image:
+  """A plain table: a title, a header row and body rows of short cells (None shown as "-")."""
+  font = _font(12)
+  row_h, pad = 18, 8
+  widths = [first_col_width] + [col_width] * (len(header) - 1)
+  img = Image.new("RGB", (sum(widths) + 2 * pad, 28 + row_h * (len(rows) + 1) + pad), "white")
+  draw = ImageDraw.Draw(img)
+  draw.text((pad, 4), title, fill="black", font=_font(14))
+  for r, row in enumerate([header, *rows]):
+    y = 26 + r * row_h
+    x = pad
+    for w, cell in zip(widths, row):
+      text = "-" if cell is None else str(cell)
+      chars = max(4, w // 7)
+      draw.text((x, y), text if len(text) <= chars else text[:chars - 1] + "…", fill="black", font=font)
+      x += w
+    if r == 0:
+      draw.line([pad, y + row_h - 2, sum(widths) + pad, y + row_h - 2], fill="black", width=1)
+  return img
+
+
+def compose(panels: Sequence[Sequence[Image.Image]], path: str, *, title: str = "", pad: int = 10) -> str:
+  """Panels in rows (each inner sequence one row, left to right) on one white PNG."""
+  rows = [list(r) for r in panels if r]
+  head = 28 if title else 0
+  width = max([sum(p.width for p in r) + pad * (len(r) + 1) for r in rows] + [200])
+  height = head + sum(max(p.height for p in r) + pad for r in rows) + pad
+  sheet = Image.new("RGB", (width, height), "white")
+  draw = ImageDraw.Draw(sheet)
+  if title:
+    draw.text((pad, 6), title, fill="black", font=_font(16))
+  y = head + pad
+  for r in rows:
+    x = pad
+    for p in r:
+      sheet.paste(p, (x, y))
+      x += p.width + pad
+    y += max(p.height for p in r) + pad
+  return save_png(sheet, path)

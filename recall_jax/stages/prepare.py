@@ -1,5 +1,8 @@
 """Stage 0 on the embedded default: generate the synthetic world and, when no base checkpoint is configured, a tiny
-random Qwen2.5-VL checkpoint (config.json + model.safetensors + tokenizer) written in the Hugging Face layout."""
+random Qwen2.5-VL checkpoint (config.json + model.safetensors + tokenizer) written in the Hugging Face layout.
+
+The tiny checkpoint's tokenizer (config model.tiny_tokenizer): "world" trains a byte-level BPE on the world's
+training text (`world_tokenizer`; needs the synthetic world), "bytes" is the fixed 512-id byte-level one."""
 
 from __future__ import annotations
 
@@ -11,7 +14,11 @@ from ml_collections import ConfigDict
 
 from recall_jax.data.synthetic import generate_world
 from recall_jax.models import qwen2_5_vl
+from recall_jax.data.synthetic.corpus import world_corpus
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
+from recall_jax.models.qwen2_5_vl.world_tokenizer import build_world_tokenizer
+
+TOKENIZERS = ("world", "bytes")
 
 
 def world_root(cfg: ConfigDict, workdir: str) -> str:
@@ -30,6 +37,25 @@ def checkpoint_dir(cfg: ConfigDict, workdir: str) -> str:
   return cfg.model.checkpoint or os.path.join(workdir, "prepare", "checkpoint")
 
 
+def _tiny_tokenizer(cfg: ConfigDict, workdir: str, vocab_size: int):
+  kind = cfg.model.tiny_tokenizer
+  if kind not in TOKENIZERS:
+    raise ValueError(f"config model.tiny_tokenizer must be one of {TOKENIZERS}, got {kind!r}")
+  if kind == "bytes":
+    tokenizer = build_tiny_tokenizer()
+  else:
+    if cfg.data.root:
+      raise ValueError("config model.tiny_tokenizer='world' trains on the synthetic world; with a real data.root "
+                       "use model.tiny_tokenizer='bytes' (or a real checkpoint)")
+    corpus = world_corpus(world_root(cfg, workdir), prompt_dir=cfg.calibrate.prompt_dir,
+                          caption_join=cfg.data.caption_join, seed=cfg.world.seed)
+    tokenizer = build_world_tokenizer(corpus, vocab_size)
+  if len(tokenizer) > vocab_size:
+    raise ValueError(f"the {kind} tokenizer has {len(tokenizer)} ids but config model.tiny.text.vocab_size is "
+                     f"{vocab_size}")
+  return tokenizer
+
+
 def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
   manifest: dict = {}
   if world_root(cfg, workdir) != cfg.data.root:  # data.root "" -> generate the synthetic world
@@ -42,9 +68,14 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
   if checkpoint_dir(cfg, workdir) != cfg.model.checkpoint:  # model.checkpoint "" -> a tiny random checkpoint
     path = checkpoint_dir(cfg, workdir)
     model_cfg = qwen2_5_vl.tiny_config(**cfg.model.tiny.to_dict())
+    tokenizer = _tiny_tokenizer(cfg, workdir, model_cfg.text.vocab_size)
     model = qwen2_5_vl.Qwen25VLModel(model_cfg, rngs=nnx.Rngs(cfg.model.init_seed))
     qwen2_5_vl.save_pretrained(model, path)
-    build_tiny_tokenizer(path)
+    tokenizer.save_pretrained(path)
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    manifest["checkpoint"] = {"path": path, "params": int(n), "random_init_seed": cfg.model.init_seed}
+    manifest["checkpoint"] = {"path": path, "params": int(n), "random_init_seed": cfg.model.init_seed,
+                              "tokenizer": cfg.model.tiny_tokenizer, "vocab_size": len(tokenizer),
+                              "text": dict(hidden_size=model_cfg.text.hidden_size,
+                                           layers=model_cfg.text.num_hidden_layers),
+                              "vision": dict(hidden_size=model_cfg.vision.hidden_size, depth=model_cfg.vision.depth)}
   return manifest

@@ -10,7 +10,7 @@ and pad), only with a 512-id vocabulary so tiny models stay tiny:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from transformers import Qwen2Tokenizer
 
@@ -76,33 +76,45 @@ def _bytes_to_unicode() -> list[str]:
   return [chr(c) for c in printable] + [chr(256 + k) for k in range(len(unprintable))]
 
 
-def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-  """Byte symbols + specials at their pinned ids + left-to-right merge chains for `_MERGE_WORDS`."""
-  vocab = {symbol: i for i, symbol in enumerate(_bytes_to_unicode())}
-  vocab.update(TINY_TOKEN_IDS)
+def _word_chain_merges() -> list[tuple[str, str]]:
+  """Left-to-right merge chains spelling each of `_MERGE_WORDS`."""
   merges: list[tuple[str, str]] = []
-  next_id = FIRST_MERGE_ID
+  seen = set(_bytes_to_unicode())
   for word in _MERGE_WORDS:
     left = word[0]
     for char in word[1:]:
       merged = left + char
-      if merged not in vocab:
-        vocab[merged] = next_id
-        next_id += 1
+      if merged not in seen:
+        seen.add(merged)
         merges.append((left, char))
       left = merged
-  if next_id > TINY_VOCAB_SIZE:
-    raise ValueError(f"tiny tokenizer merges need {next_id} ids, more than TINY_VOCAB_SIZE={TINY_VOCAB_SIZE}")
-  return vocab, merges
+  return merges
 
 
-def build_tiny_tokenizer(save_dir: Optional[str] = None) -> Qwen2Tokenizer:
-  """Builds the tiny Qwen2 (fast) tokenizer; when `save_dir` is given, saves it for `AutoTokenizer.from_pretrained`."""
-  vocab, merges = _vocab_and_merges()
+def vocab_for(merges: Sequence[tuple[str, str]], vocab_size: int = TINY_VOCAB_SIZE) -> dict[str, int]:
+  """Byte symbols (ids 0..255), specials at their pinned ids, then one id per merge result in merge order."""
+  vocab = {symbol: i for i, symbol in enumerate(_bytes_to_unicode())}
+  vocab.update(TINY_TOKEN_IDS)
+  next_id = FIRST_MERGE_ID
+  for left, right in merges:
+    if left not in vocab or right not in vocab:
+      raise ValueError(f"merge {(left, right)} uses a symbol that no earlier merge produced")
+    if left + right not in vocab:
+      vocab[left + right] = next_id
+      next_id += 1
+  if next_id > vocab_size:
+    raise ValueError(f"{len(merges)} merges need {next_id} ids, more than vocab_size={vocab_size}")
+  return vocab
+
+
+def build_qwen2_tokenizer(merges: Sequence[tuple[str, str]], vocab_size: int = TINY_VOCAB_SIZE,
+                          save_dir: Optional[str] = None) -> Qwen2Tokenizer:
+  """A Qwen2 (fast) tokenizer over the byte symbols, the pinned specials and `merges`; saved to `save_dir` for
+  `AutoTokenizer.from_pretrained` when given."""
   specials = list(TINY_TOKEN_IDS)
   tokenizer = Qwen2Tokenizer(
-      vocab=vocab,
-      merges=merges,
+      vocab=vocab_for(merges, vocab_size),
+      merges=list(merges),
       unk_token=None,
       eos_token="<|im_end|>",
       pad_token="<|endoftext|>",
@@ -114,7 +126,12 @@ def build_tiny_tokenizer(save_dir: Optional[str] = None) -> Qwen2Tokenizer:
   for token, token_id in TINY_TOKEN_IDS.items():
     got = tokenizer.convert_tokens_to_ids(token)
     if got != token_id:
-      raise RuntimeError(f"tiny tokenizer put {token} at id {got}, expected the pinned id {token_id}")
+      raise RuntimeError(f"tokenizer put {token} at id {got}, expected the pinned id {token_id}")
   if save_dir is not None:
     tokenizer.save_pretrained(save_dir)
   return tokenizer
+
+
+def build_tiny_tokenizer(save_dir: Optional[str] = None) -> Qwen2Tokenizer:
+  """Builds the tiny Qwen2 (fast) tokenizer; when `save_dir` is given, saves it for `AutoTokenizer.from_pretrained`."""
+  return build_qwen2_tokenizer(_word_chain_merges(), TINY_VOCAB_SIZE, save_dir)
