@@ -138,6 +138,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.refine.infonce_weight = 0.9  # paper-era ReCALL code: 0.9 InfoNCE + 0.1 triplet
   c.refine.triplet_weight = 0.1
   c.refine.margin = 0.05
+  # Ablations: mode "originals" trains on the original triplets only (more steps, no corrective signal);
+  # "hard_negative" adds each mined instance as an extra negative of its original query, nothing rewritten.
+  c.refine.mode = "corrective"  # corrective | originals | hard_negative
+  c.refine.grouped = True  # False (Table 4 rows 2-3): plain shuffled batches and no triplet loss
 
   # Frozen base weights: (regex over parameter paths, PartitionSpec entries), first match wins, default replicated.
   # Data parallel with a replicated bf16 base fits 7B + LoRA on 80 GB GPUs; to shard it over fsdp instead, e.g.

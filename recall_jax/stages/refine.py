@@ -1,6 +1,11 @@
 """Stage 4, targeted refinement: continue training the Stage-1 adapters (fresh optimizer) on the original triplets
 plus the kept corrective triplets, in micro-group batches (an original triplet and its corrective siblings share a
-batch), with InfoNCE + lambda * the in-group triplet loss."""
+batch), with InfoNCE + lambda * the in-group triplet loss.
+
+Ablations (config refine): mode "originals" trains on the original triplets only (the same steps without the
+corrective signal); mode "hard_negative" adds each mined instance of this round (mined.jsonl, nothing rewritten) as
+an extra negative of its original query: a negative-only slot in its micro-group whose target is the instance.
+grouped = False uses plain shuffled batches and turns the triplet loss off."""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from recall_jax.stages import adapt, artifacts, common
 
 log = logging.getLogger("recall_jax")
 
+MODES = ("corrective", "originals", "hard_negative")
+
 
 def corrective_queries(path: str) -> list[Query]:
   """corrective.jsonl (Stage 3) -> training triplets keyed into their original query's micro-group."""
@@ -30,30 +37,62 @@ def corrective_queries(path: str) -> list[Query]:
   return out
 
 
+def hard_negative_queries(path: str) -> list[Query]:
+  """mined.jsonl (Stage 2) -> negative-only slots: each instance as an extra negative in its query's micro-group."""
+  out = []
+  for i, r in enumerate(artifacts.read_jsonl(path)):
+    missing = [k for k in ("id", "reference", "captions", "instance", "group") if k not in r]
+    if missing:
+      raise ValueError(f"{path}: record {i + 1} lacks {missing}")
+    out.append(Query(qid=f"hard_negative/{r['id']}", reference=r["reference"], captions=tuple(r["captions"]),
+                     targets=(r["instance"],), category=r.get("category"), group=r["group"], source=f"{path}#{i}",
+                     negative_only=True))
+  return out
+
+
+def extra_queries(mode: str, workdir: str, round_num: int) -> list[Query]:
+  """What config refine.mode adds to the original triplets in round `round_num`."""
+  if mode == "corrective":
+    calibrated = artifacts.read_manifest(workdir, artifacts.round_stage("calibrate", round_num))
+    return corrective_queries(calibrated["outputs"]["corrective"])
+  if mode == "hard_negative":
+    mined = artifacts.read_manifest(workdir, artifacts.round_stage("mine", round_num))
+    return hard_negative_queries(mined["outputs"]["mined"])
+  if mode == "originals":
+    return []
+  raise ValueError(f"config refine.mode must be one of {MODES}, got {mode!r}")
+
+
 def run(cfg: ConfigDict, workdir: str, out: str, *, round_num: int = 1) -> dict:
   """Round `round_num`: starts from `common.round_start_stage`'s adapters (adapt's, then the previous round's) and
   trains on this round's corrective.jsonl."""
+  mode = cfg.refine.mode
+  if mode not in MODES:
+    raise ValueError(f"config refine.mode must be one of {MODES}, got {mode!r}")
   start = common.round_start_stage(round_num)
   start_adapters = common.trained_adapters(cfg, workdir, start)  # checked against the base they go on
-  calibrated = artifacts.read_manifest(workdir, artifacts.round_stage("calibrate", round_num))
   splits = common.read_splits(cfg, workdir, "train")
   originals = [q for s in splits for q in s.queries]
-  corrective = corrective_queries(calibrated["outputs"]["corrective"])
+  extra = extra_queries(mode, workdir, round_num)
   # Originals join their siblings' group by the same key (reference + original text).
-  queries = originals + corrective
-  log.info("[refine] %d original + %d corrective triplets", len(originals), len(corrective))
+  queries = originals + extra
+  log.info("[refine] mode %s: %d original triplets + %d %s", mode, len(originals), len(extra),
+           "hard negatives" if mode == "hard_negative" else "corrective triplets")
 
   rcfg = copy.deepcopy(cfg)
   with rcfg.unlocked():
     rcfg.train.steps = cfg.refine.steps
-    rcfg.loss.triplet_weight = cfg.refine.triplet_weight
+    rcfg.loss.triplet_weight = cfg.refine.triplet_weight if cfg.refine.grouped else 0.0  # random batches: no groups
     rcfg.loss.infonce_weight = cfg.refine.infonce_weight
     rcfg.loss.margin = cfg.refine.margin
   model, tokenizer = common.load_base_model(cfg, workdir, mesh=common.training_mesh(cfg))
   lora.import_peft(model, start_adapters)  # continue from R_base (or round r-1); the trainer starts a fresh optimizer
-  manifest = adapt.train_on(rcfg, workdir, out, queries, adapt.merged_images(splits), grouped=True, model=model,
-                            tokenizer=tokenizer)
-  manifest.update(original_triplets=len(originals), corrective_triplets=len(corrective),
+  manifest = adapt.train_on(rcfg, workdir, out, queries, adapt.merged_images(splits), grouped=cfg.refine.grouped,
+                            model=model, tokenizer=tokenizer)
+  manifest.update(mode=mode, grouped=bool(cfg.refine.grouped), original_triplets=len(originals),
+                  corrective_triplets=len(extra) if mode == "corrective" else 0,
+                  hard_negatives=len(extra) if mode == "hard_negative" else 0,
+                  triplet_weight=rcfg.loss.triplet_weight,
                   initialised_from=start_adapters, round=round_num,
                   base_checkpoint=common.foundation_checkpoint(cfg, workdir))
   return manifest
