@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ("" only with the prepare stage, which then writes a tiny random checkpoint into the workdir)
   c.model.tiny = ml_collections.ConfigDict({"text": {}, "vision": {}})
   c.model.init_seed = 0
+  # The tiny checkpoint's tokenizer (prepare stage): "world" = a byte-level BPE trained on the synthetic world's
+  # training text (ids of the tiny layout, vocab model.tiny.text.vocab_size); "bytes" = the fixed 512-id one.
+  c.model.tiny_tokenizer = "bytes"
   c.model.dtype = "bfloat16"  # base weights; adapters are always fp32
   c.model.position_mode = "mrope"  # mrope | sequential
 
