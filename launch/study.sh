@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The ablation study on the synthetic world: 3 training seeds x the paper's ablation rows; writes study.json,
+# study.md and study.png into the workdir. Extra arguments go to recall_jax.study, e.g. `'--config.study.seeds=(0,)'`.
+source "$(dirname "$0")/env.sh" requirements.txt
+exec python -m recall_jax.study --config configs/study.py --workdir "${WORKDIR:-runs/study}" "$@"
