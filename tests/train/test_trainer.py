@@ -120,8 +120,9 @@ def test_gradcache_and_sharding_equal_the_plain_step(fashioniq_train, tmp_path):
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=name)
     assert grads.keys() == ref.keys()
     for k in ref:
-      # fp32 reduction-order noise is ~1e-5 of the gradient's scale, also per leaf; a dropped chunk is ~1e-1.
-      np.testing.assert_allclose(grads[k], ref[k], rtol=0, atol=1e-4 * scale, err_msg=f"{name} {k}")
+      # fp32 reduction-order noise is up to ~2e-5 of the gradient's scale (globally and per leaf, with one or many
+      # threads); leaving out one GradCache chunk is ~2e-2.
+      np.testing.assert_allclose(grads[k], ref[k], rtol=0, atol=2e-4 * scale, err_msg=f"{name} {k}")
       assert np.linalg.norm(grads[k] - ref[k]) <= 1e-3 * np.linalg.norm(ref[k]), f"{name} {k}: relative to the leaf"
 
   # Training moved the adapters but never the base weights (same paths, bit-identical values).
