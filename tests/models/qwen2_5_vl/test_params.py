@@ -161,8 +161,10 @@ def test_loading_onto_a_mesh_gives_the_sharding_and_the_same_outputs(untied):
   batch = ref.make_batch(cfg, ROWS)
   want = model(**batch)
   got = sharded(**batch)
-  np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), rtol=0, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(got.hidden_states), np.asarray(want.hidden_states), rtol=0, atol=1e-5)
+  # Sharded matmuls sum in another order: equal up to fp32 noise, relative to each output's scale.
+  for name in ("logits", "hidden_states"):
+    w = np.asarray(getattr(want, name))
+    np.testing.assert_allclose(np.asarray(getattr(got, name)), w, rtol=0, atol=1e-5 * np.abs(w).max(), err_msg=name)
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
