@@ -2,7 +2,8 @@
 
 Four tasks, all built from the training split's scene graphs (`Oracle`):
   caption  Picture = an image, "Describe the garment."                       -> oracle.describe(image)
-  vqa      an image + a templated yes/no question (one true, one false each)   -> "yes" / "no"
+  vqa      an image + templated yes/no questions (`vqa_pairs` true/false pairs per image, on distinct attributes)
+           -> "yes" / "no"
   rewrite  Stage 3's rewrite prompt (the calibrate stage's template files, minimal-JSON mode): Picture 1 = the
            reference, Picture 2 = an informative-instance stand-in (a train image of the same category nearest to
            the target for which the original text is false), the original text
@@ -10,6 +11,14 @@ Four tasks, all built from the training split's scene graphs (`Oracle`):
            (of its paraphrases, the one closest to the original text)
   verify   Stage 3's verification prompt over (reference, candidate, text)   -> "yes" / "no" by oracle.judge,
            balanced: (target, original) yes, (instance, original) no, (instance, rewrite) yes, (target, rewrite) no.
+
+Reasoning (SFTConfig.reasoning): "direct" answers as above. "describe" has the model read the pictures before it
+decides, in text: a yes/no answer becomes "<what the picture shows>. Answer: yes" (the asked attribute's value for a
+question, both pictures' captions for a verification), and a rewrite's JSON starts with a "visual_summary" holding
+both captions. A tiny model learns to read an image into words quickly (captioning is a direct map) but not the
+image-question conjunction of a bare yes/no (it first learns to ignore the image; shared environment notes); once
+the facts are words, the decision is a comparison of words. Stage 3 then decodes the description and reads P(yes)
+after `ANSWER_MARKER` (calibrate.verify_reasoning).
 
 An example is a chat prompt ending with the assistant header, followed by the answer and <|im_end|>. Prompt and
 answer are tokenised separately (so the answer's tokens are those the model generates after the header) and the
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
@@ -42,6 +52,8 @@ from recall_jax.generate import parse, prompt_files
 
 IGNORE = -100
 TASKS = ("caption", "vqa", "rewrite", "verify")
+REASONING = ("direct", "describe")
+ANSWER_MARKER = "Answer:"  # "describe" reasoning: the yes/no word follows it
 CAPTION_INSTRUCTION = "Describe the garment."
 ANSWER_END = prompts.IM_END
 EDIT_VARIANTS = 16  # paraphrases of each oracle edit tried for the most minimal rewrite
@@ -71,8 +83,15 @@ class SFTConfig:
   tasks: tuple[str, ...] = TASKS
   prompt_dir: str = ""
   caption_join: str = "and"
+  reasoning: str = "direct"
+  vqa_pairs: int = 1
 
   def __post_init__(self):
+    if self.reasoning not in REASONING:
+      raise ValueError(f"SFT reasoning must be one of {REASONING}, got {self.reasoning!r} (config teach.reasoning)")
+    if not 1 <= self.vqa_pairs <= 6:
+      raise ValueError(f"SFT vqa_pairs must be in [1, 6] (one per attribute), got {self.vqa_pairs} "
+                       f"(config teach.vqa_pairs)")
     unknown = set(self.tasks) - set(TASKS)
     if unknown or not self.tasks:
       raise ValueError(f"SFT tasks must be a non-empty subset of {TASKS}, got {self.tasks}")
@@ -117,26 +136,46 @@ def minimal_segments(original: str, new: str) -> list[dict[str, str]]:
   return segments
 
 
-def rewrite_answer(original: str, new: str) -> str:
-  return json.dumps({"segments": minimal_segments(original, new)})
+def rewrite_answer(original: str, new: str, summary: Optional[str] = None) -> str:
+  """The minimal-JSON answer; with a summary (describe reasoning) it comes first, as the template asks."""
+  head = {} if summary is None else {"visual_summary": summary}
+  return json.dumps({**head, "segments": minimal_segments(original, new)})
+
+
+def decision_answer(description: str, yes: bool) -> str:
+  """A describe-reasoning yes/no answer: what the picture(s) show, then the decision after ANSWER_MARKER."""
+  return f"{description}. {ANSWER_MARKER} {'yes' if yes else 'no'}"
+
+
+def two_picture_summary(oracle: Oracle, first: str, second: str) -> str:
+  return f"Picture 1: {oracle.describe(first)}. Picture 2: {oracle.describe(second)}"
+
+
+def value_phrase(attr: str, value: str) -> str:
+  """How a question names `value` of `attr` ("Is it <phrase>?" / "Does it have <phrase>?")."""
+  return re.sub(r"^(?:Is it|Does it have) (.*)\?$", r"\1", language.question(attr, value))
 
 
 # ----------------------------------------------------------------------------------------------- examples
 
 
-def _vqa_examples(oracle: Oracle, name: str, rng: np.random.Generator) -> list[Example]:
-  """One true and one false templated question about the image (attribute drawn per image)."""
+def _vqa_examples(oracle: Oracle, name: str, rng: np.random.Generator, pairs: int = 1,
+                  reasoning: str = "direct") -> list[Example]:
+  """`pairs` true and false templated questions about the image, each pair on its own attribute (drawn)."""
   g = oracle.garment(name)
-  attr = str(rng.choice(("category",) + ATTRIBUTES))
-  values = CATEGORIES if attr == "category" else VALUES[attr]
-  true_value = g.get(attr)
-  false_value = str(rng.choice([v for v in values if v != true_value]))
+  attrs = ("category",) + ATTRIBUTES
   out = []
-  for value, answer in ((true_value, "yes"), (false_value, "no")):
-    question = language.question(attr, value)
-    if oracle.answer(name, question) != (answer == "yes"):
-      raise DataError(f"oracle disagrees with the templated question {question!r} on image {name!r}")
-    out.append(Example("vqa", (name,), question_prompt(question), answer, name))
+  for attr in [attrs[i] for i in rng.permutation(len(attrs))[:pairs]]:
+    values = CATEGORIES if attr == "category" else VALUES[attr]
+    true_value = g.get(attr)
+    false_value = str(rng.choice([v for v in values if v != true_value]))
+    for value, yes in ((true_value, True), (false_value, False)):
+      question = language.question(attr, value)
+      if oracle.answer(name, question) != yes:
+        raise DataError(f"oracle disagrees with the templated question {question!r} on image {name!r}")
+      answer = decision_answer(value_phrase(attr, true_value), yes) if reasoning == "describe" else (
+          "yes" if yes else "no")
+      out.append(Example("vqa", (name,), question_prompt(question), answer, name))
   return out
 
 
@@ -172,7 +211,7 @@ def build_examples(queries: Sequence[Query], images: Mapping[str, str], cfg: SFT
     out += [Example("caption", (n,), caption_prompt(), oracle.describe(n), n) for n in names]
   if "vqa" in cfg.tasks:
     for n in names:
-      out += _vqa_examples(oracle, n, rng)
+      out += _vqa_examples(oracle, n, rng, cfg.vqa_pairs, cfg.reasoning)
   if {"rewrite", "verify"} & set(cfg.tasks):
     rewrite_t = prompt_files.load_template(prompt_files.REWRITE_TEMPLATES["minimal_json"], cfg.prompt_dir)
     verify_t = prompt_files.load_template(prompt_files.VERIFY_TEMPLATE, cfg.prompt_dir)
@@ -186,12 +225,16 @@ def build_examples(queries: Sequence[Query], images: Mapping[str, str], cfg: SFT
       new = closest_edit(oracle, q.reference, instance, text)
       if not oracle.judge(q.reference, new, instance):
         raise DataError(f"oracle.edit({q.reference!r}, {instance!r}) = {new!r} is judged false by the oracle")
+      describe = cfg.reasoning == "describe"
       if "rewrite" in cfg.tasks:
+        summary = two_picture_summary(oracle, q.reference, instance) if describe else None
         out.append(Example("rewrite", (q.reference, instance), two_picture_prompt(rewrite_t, text),
-                           rewrite_answer(text, new), q.qid))
+                           rewrite_answer(text, new, summary), q.qid))
       if "verify" in cfg.tasks:
         for candidate, t in ((q.target, text), (instance, text), (instance, new), (q.target, new)):
-          answer = "yes" if oracle.judge(q.reference, t, candidate) else "no"
+          yes = oracle.judge(q.reference, t, candidate)
+          answer = (decision_answer(two_picture_summary(oracle, q.reference, candidate), yes) if describe else
+                    "yes" if yes else "no")
           out.append(Example("verify", (q.reference, candidate), two_picture_prompt(verify_t, t), answer, q.qid))
   if not out:
     raise DataError(f"no SFT examples from {len(queries)} queries for tasks {cfg.tasks}")

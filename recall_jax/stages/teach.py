@@ -1,6 +1,15 @@
-"""Optional stage "teach": fine-tune the foundation model on the synthetic world (the generative objective), so that
-Stage 3 has a model that can read the world: captions, yes/no questions, the rewrite and the verification prompts
-(recall_jax.data.sft, built from the training split's scene graphs).
+"""Stage "teach": teach the foundation model F the synthetic world, so that Stage 3 has a model that can read it.
+
+Two phases, both on the training split's scene graphs (never val / test):
+  1. vision (teach.vision.steps > 0): the vision tower learns to classify every image's attributes
+     (`train.vision_pretrain`): the tiny random tower reads nothing, and a yes/no fine-tuning of a blind tower
+     teaches the LLM to ignore the image;
+  2. generative fine-tuning on captions, yes/no questions, the rewrite and the verification prompts
+     (recall_jax.data.sft; teach.reasoning = "describe": the answers put what the pictures show into words before
+     deciding).
+Then F's quality is measured on the val split against the oracle (`foundation_quality`: yes/no VQA accuracy,
+parseable and oracle-correct rewrites, verification agreement at the calibrate threshold, image dependence) and
+recorded in the manifest (`quality`), which the report shows.
 
 Two ways to train, by config:
   teach.trainable_regex = ""       LoRA on teach.lora.target_regex (rank teach.lora.rank), merged into the base at the
@@ -9,35 +18,91 @@ Two ways to train, by config:
                                    the demo's tiny random model, which has nothing for a low-rank update to adapt
                                    (its embeddings, norms and lm_head must move too) and costs little to train fully.
 The result is saved in the Hugging Face layout (save_pretrained + the tokenizer) to <workdir>/teach/checkpoint;
-`common.foundation_checkpoint` hands it to the calibrate stage when this stage has finished. Training checkpoints
-(Orbax) make an interrupted run resume.
+`common.foundation_checkpoint` hands it to the later stages when this stage has finished (the retriever starts from
+F, as in the paper). Resuming: the vision phase's model is saved to <workdir>/teach/vision (HF layout) and reused;
+the fine-tuning resumes from its Orbax checkpoints.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 
 import jax
+import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
 from recall_jax import parallel
 from recall_jax.data import pipeline, sft
+from recall_jax.data.synthetic.attributes import ATTRIBUTES, CATEGORIES, VALUES
+from recall_jax.data.synthetic.oracle import Oracle
 from recall_jax.models import lora, qwen2_5_vl
-from recall_jax.stages import common
-from recall_jax.train import generative, trainer
+from recall_jax.stages import common, prepare
+from recall_jax.train import generative, trainer, vision_pretrain
 
 log = logging.getLogger("recall_jax")
 
 CHECKPOINT = "checkpoint"
+VISION = "vision"
+VISION_ATTRIBUTES = ("category",) + ATTRIBUTES
 
 
 def sft_config(cfg: ConfigDict) -> sft.SFTConfig:
   t = cfg.teach
   return sft.SFTConfig(lengths=tuple(t.lengths), batch_size=t.batch_size, tasks=tuple(t.tasks),
-                       prompt_dir=cfg.calibrate.prompt_dir, caption_join=cfg.data.caption_join)
+                       prompt_dir=cfg.calibrate.prompt_dir, caption_join=cfg.data.caption_join,
+                       reasoning=t.reasoning, vqa_pairs=t.vqa_pairs)
+
+
+def _image_arrays(images: dict[str, str], names: list[str], encode_cfg: pipeline.EncodeConfig):
+  """(pixels (N, P, D) without bucket padding, the shared grid, labels (N, A)) of `names`, from their scene graphs."""
+  oracle = Oracle(images)
+  load = pipeline.FileImages(images)
+  pixels, grids = pipeline.encode_images([load(n) for n in names], encode_cfg)
+  if not np.all(grids == grids[:1]):
+    raise ValueError("vision pretraining needs one image bucket (config data.image_buckets)")
+  values = {"category": CATEGORIES, **VALUES}
+  labels = vision_pretrain.labels_for({n: oracle.garment(n) for n in names}, names, VISION_ATTRIBUTES, values)
+  return pixels[:, :int(np.prod(grids[0]))], tuple(int(g) for g in grids[0]), labels
+
+
+def teach_vision(model, cfg: ConfigDict, workdir: str, out: str, train_images: dict[str, str]) -> dict:
+  """Phase 1, resumable: trains model.visual on the training images' attributes, or reloads a finished phase."""
+  v = cfg.teach.vision
+  path = os.path.join(out, VISION)
+  figures_path = os.path.join(path, "vision_pretrain.json")
+  if os.path.exists(figures_path):
+    nnx.update(model.visual, nnx.state(qwen2_5_vl.from_pretrained(path).visual, nnx.Param))
+    with open(figures_path) as f:
+      log.info("[teach] vision phase done already (%s); reusing it", path)
+      return json.load(f)
+  encode_cfg = common.encode_config(cfg)
+  names = sorted(train_images)
+  pixels, grid, labels = _image_arrays(train_images, names, encode_cfg)
+  val_images: dict[str, str] = {}
+  for s in common.read_splits(cfg, workdir, "val"):
+    val_images.update(s.images)
+  val_names = sorted(val_images)[:v.val_images]
+  val = _image_arrays(val_images, val_names, encode_cfg) if val_names else None
+  vcfg = vision_pretrain.VisionPretrainConfig(steps=v.steps, batch_size=v.batch_size, lr=v.lr, log_every=v.log_every,
+                                              seed=cfg.seed)
+  log.info("[teach] vision phase: %d training images, %d steps of %d", len(names), v.steps, v.batch_size)
+  figures = vision_pretrain.pretrain_vision(model, pixels, grid, labels,
+                                            [len(CATEGORIES if a == "category" else VALUES[a])
+                                             for a in VISION_ATTRIBUTES], vcfg,
+                                            val=None if val is None else (val[0], val[2]))
+  if "val_accuracy" in figures:
+    figures["val_accuracy"] = dict(zip(VISION_ATTRIBUTES, figures["val_accuracy"]))
+    log.info("[teach] vision val accuracy: %s", " ".join(f"{a}={x:.2f}" for a, x in figures["val_accuracy"].items()))
+  figures["images"] = len(names)
+  if jax.process_index() == 0:
+    qwen2_5_vl.save_pretrained(model, path)
+    from recall_jax.stages import artifacts
+    artifacts.atomic_write_json(figures_path, figures)
+  return figures
 
 
 def trainable(model, cfg: ConfigDict):
@@ -69,7 +134,9 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
   tasks = dict(collections.Counter(e.task for e in examples))
   log.info("[teach] %d SFT examples from %d training triplets: %s", len(examples), len(queries), tasks)
 
-  model, tokenizer = common.load_base_model(cfg, workdir)
+  # The base before teaching (teach's own checkpoint would be F once this stage has finished).
+  model, tokenizer = common.load_base_model(cfg, workdir, prepare.checkpoint_dir(cfg, workdir))
+  vision = teach_vision(model, cfg, workdir, out, images) if t.vision.steps else None
   params = trainable(model, cfg)
   ds = sft.sft_dataset(examples, load=pipeline.FileImages(images), tokenizer=tokenizer,
                        encode_cfg=common.encode_config(cfg), cfg=scfg, seed=cfg.seed)
@@ -89,6 +156,12 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
   if jax.process_index() == 0:
     qwen2_5_vl.save_pretrained(model, path)
     tokenizer.save_pretrained(path)
+  quality = None
+  if t.quality.enabled:
+    from recall_jax.stages import foundation_quality
+    quality = foundation_quality.evaluate_foundation(model, tokenizer, cfg, workdir)
+    log.info("[teach] F on val: %s", json.dumps({k: v for k, v in quality.items() if isinstance(v, float)}))
   return {"checkpoint": path, "mode": f"full fine-tuning of /{t.trainable_regex}/" if t.trainable_regex else
           f"LoRA rank {t.lora.rank} on /{t.lora.target_regex}/, merged", "steps": result.steps,
+          "reasoning": t.reasoning, "vision": vision, "quality": quality,
           "examples": len(examples), "examples_by_task": tasks, "last_train_metrics": result.last_metrics}

@@ -2,6 +2,7 @@
 exactly the answer tokens, and batches are fixed-shape and a pure function of (seed, epoch)."""
 
 import collections
+import json
 
 import numpy as np
 import pytest
@@ -120,3 +121,38 @@ def test_errors_name_the_config(fashioniq_train, examples):
                        cfg=sft.SFTConfig(lengths=(512,), batch_size=2), seed=0)
   with pytest.raises(ValueError, match="teach.lengths"):
     ds[0]
+
+
+def test_describe_reasoning_puts_the_facts_in_words_before_deciding(fashioniq_train):
+  queries, images = fashioniq_train
+  oracle = Oracle(images)
+  cfg = sft.SFTConfig(lengths=LENGTHS, batch_size=4, reasoning="describe", vqa_pairs=3)
+  examples = sft.build_examples(queries, images, cfg, seed=0)
+  vqa = [e for e in examples if e.task == "vqa"]
+  assert len(vqa) == 6 * len({e.source for e in vqa})  # three true/false pairs per image
+  for e in vqa:
+    question = e.prompt.split(prompts.IMAGE_PLACEHOLDER)[1].split(prompts.IM_END)[0]
+    description, decision = e.answer.split(f". {sft.ANSWER_MARKER} ")
+    assert decision == ("yes" if oracle.answer(e.images[0], question) else "no")
+    assert oracle.answer(e.images[0], f"Is it {description}?" if not description.startswith("a ") or
+                         description in ("a dress", "a shirt", "a top") else f"Does it have {description}?")
+  asked = collections.defaultdict(set)
+  for e in vqa:
+    asked[e.source].add(e.prompt)
+  assert all(len(p) == 6 for p in asked.values())  # distinct questions: attributes drawn without repetition
+  for e in examples:
+    if e.task == "verify":
+      description, decision = e.answer.split(f". {sft.ANSWER_MARKER} ")
+      assert description == sft.two_picture_summary(oracle, *e.images)
+      text = e.prompt.split('Instruction: "')[1].split('"\n')[0]
+      assert decision == ("yes" if oracle.judge(e.images[0], text, e.images[1]) else "no")
+    if e.task == "rewrite":
+      answer = json.loads(e.answer)
+      assert list(answer) == ["visual_summary", "segments"]  # the summary is written first
+      assert answer["visual_summary"] == sft.two_picture_summary(oracle, *e.images)
+      original = prompts.join_captions({q.qid: q for q in queries}[e.source].captions)
+      assert parse.parse_rewrite(e.answer, original, "minimal_json").reason == parse.OK
+  with pytest.raises(ValueError, match="teach.reasoning"):
+    sft.SFTConfig(lengths=LENGTHS, batch_size=4, reasoning="think")
+  with pytest.raises(ValueError, match="teach.vqa_pairs"):
+    sft.SFTConfig(lengths=LENGTHS, batch_size=4, vqa_pairs=7)
