@@ -60,12 +60,12 @@ _AFTER_ADAPT = {"adapt": "baseline"}
 _AFTER_MINE = {"adapt": "baseline", "mine": "full"}
 ROWS = {r.name: r for r in (
     Row("baseline", "baseline (Stage 1 adapters)", "Table 4", {}, ("adapt", "evaluate"), {}, model="baseline"),
-    Row("cot", "+ CoT generation (no VQA filter, random batches)", "Table 4",
+    Row("cot", "+ CoT generation (no VQA filter; random batches)", "Table 4",
         {"calibrate.vqa_filter": False, "refine.grouped": False}, ("calibrate", "refine", "evaluate"), _AFTER_MINE,
         generations_from="full"),
     Row("vqa", "+ VQA filter (random batches)", "Table 4", {"refine.grouped": False}, ("refine", "evaluate"),
         {**_AFTER_MINE, "calibrate": "full"}),
-    Row("full", "+ grouped refinement (full ReCALL, self-guided mining)", "Table 4", {},
+    Row("full", "+ grouped refinement (= full ReCALL)", "Table 4", {},
         ("mine", "calibrate", "refine", "evaluate"), _AFTER_ADAPT),
     Row("random_mining", "random mining (top-50 pool)", "Table 3", {"mine.strategy": "random"},
         ("mine", "calibrate", "refine", "evaluate"), _AFTER_ADAPT),
@@ -233,7 +233,8 @@ def markdown(study: dict) -> str:
   lines = [f"# Ablation study ({study['dataset']} synthetic world, {study['split']} split, seeds {seeds})", "",
            f"Mean ± sample std over {len(seeds)} training seed(s); world seed {study['world_seed']} fixed. "
            "R@k in %; FashionIQ: means over the categories.", "",
-           "| table | row | " + " | ".join(study["headline"]) + " | switches | s / seed |",
+           "| table | row | " + " | ".join(f"{k} (mean ± std)" for k in study["headline"])
+           + " | switches | s / seed |",
            "|---|---|" + "---|" * len(study["headline"]) + "---|---|"]
   for r in study["rows"]:
     cells = [f"{r['mean'][f'headline/{k}']:.2f} ± {r['std'][f'headline/{k}']:.2f}" for k in study["headline"]]
@@ -253,7 +254,7 @@ def picture(study: dict, path: str) -> str:
   """Horizontal bars (mean) with error bars (± std), one panel per headline metric, rows top to bottom."""
   from PIL import Image, ImageDraw
   rows, keys = study["rows"], study["headline"]
-  label_w, plot_w, bar_h, gap, top, pad = 330, 300, 16, 8, 40, 10
+  label_w, plot_w, bar_h, gap, top, pad = 360, 320, 16, 8, 40, 10
   panel_h = top + len(rows) * (bar_h + gap) + 24
   width = label_w + len(keys) * (plot_w + pad) + pad
   img = Image.new("RGB", (width, panel_h + 30), "white")
@@ -262,12 +263,12 @@ def picture(study: dict, path: str) -> str:
             font=viz._font(16))
   for i, r in enumerate(rows):
     y = 30 + top + i * (bar_h + gap)
-    draw.text((pad, y + 2), r["label"] if len(r["label"]) <= 46 else r["label"][:45] + "…", fill="black",
+    draw.text((pad, y + 2), r["label"] if len(r["label"]) <= 50 else r["label"][:49] + "…", fill="black",
               font=viz._font(12))
   for p, key in enumerate(keys):
     x0 = label_w + p * (plot_w + pad)
     highs = [r["mean"][f"headline/{key}"] + r["std"][f"headline/{key}"] for r in rows]
-    x_max = max(10.0, float(np.ceil(max(highs) / 10.0) * 10.0))
+    x_max = max(10.0, float(np.ceil(1.2 * max(highs) / 10.0) * 10.0))  # room right of the bars for the values
     draw.text((x0, 30 + 8), f"{key} (%), axis 0-{x_max:.0f}", fill="black", font=viz._font(14))
     draw.line([x0, 30 + top - 4, x0, 30 + panel_h - 24], fill="black")
     for i, r in enumerate(rows):
@@ -280,7 +281,7 @@ def picture(study: dict, path: str) -> str:
       draw.line([lo, mid, hi, mid], fill="black", width=2)
       draw.line([lo, y + 3, lo, y + bar_h - 3], fill="black", width=2)
       draw.line([hi, y + 3, hi, y + bar_h - 3], fill="black", width=2)
-      draw.text((min(hi + 4, x0 + plot_w - 60), y + 2), f"{m:.1f}±{s:.1f}", fill="black", font=viz._font(10))
+      draw.text((hi + 4, y + 2), f"{m:.1f}±{s:.1f}", fill="black", font=viz._font(10))
   return viz.save_png(img, path)
 
 

@@ -142,6 +142,52 @@ def _manifests(workdir):
   return [os.path.join(d, f) for d, _, fs in os.walk(workdir) for f in fs if f == artifacts.MANIFEST]
 
 
+def _fake_run(workdir, calls):
+  """A main.run stand-in that only writes manifests (metrics for every model tag): the orchestration alone."""
+  def run_fn(cfg, wd, stages):
+    calls.append((os.path.relpath(wd, workdir), tuple(stages), cfg.seed))
+    for stage in stages:
+      out = artifacts.stage_dir(wd, stage)
+      os.makedirs(out, exist_ok=True)
+      manifest = {"seconds": 1.0}
+      if stage.endswith("calibrate"):
+        manifest["outputs"] = {"generations": os.path.join(out, calibrate.GENERATIONS)}
+        open(manifest["outputs"]["generations"], "w").write(json.dumps({"id": wd}) + "\n")
+      if stage == "evaluate":
+        manifest["metrics"] = {m: {"cirr": {"R@1": cfg.seed + k, "R@10": 10.0 * k}}
+                               for k, m in enumerate(("baseline", "round1", "round2"))}
+      artifacts.atomic_write_json(os.path.join(out, artifacts.MANIFEST), manifest)
+  return run_fn
+
+
+def test_every_row_runs_its_own_stages_once_after_its_donors(tmp_path):
+  workdir, calls = str(tmp_path), []
+  cfg = _config()
+  cfg.study.seeds = (0, 1)
+  cfg.study.rows = ("two_rounds", "cot", "vqa", "random_mining", "oracle_f", "originals", "hard_negative",
+                    "baseline", "full")  # dependents before their donors: the donors' stages run first anyway
+  result = study.run(cfg, workdir, run_fn=_fake_run(workdir, calls))
+  ran = [(wd, s) for wd, stages, _ in calls for s in stages]
+  assert len(ran) == len(set(ran)) and ran[0] == ("shared", "prepare")
+  for seed in (0, 1):
+    order = [(wd.split("/")[1], s) for wd, s in ran if wd.startswith(f"seed{seed}/")]
+    assert order[:4] == [("baseline", "adapt"), ("full", "mine"), ("full", "calibrate"), ("full", "refine")]
+    for name, row in study.ROWS.items():
+      assert [s for r, s in order if r == name] == list(row.stages), name
+      for stage, donor in row.borrow.items():
+        link = os.path.join(workdir, f"seed{seed}", name, stage)
+        assert os.path.realpath(link) == os.path.join(workdir, f"seed{seed}", donor, stage), (name, stage)
+  assert {seed for wd, _, seed in calls if wd.startswith("seed1/")} == {1}
+  # The CoT row's calibrate starts from the full row's generations of the same seed.
+  partial = os.path.join(workdir, "seed1", "cot", "calibrate", calibrate.PARTIAL)
+  assert json.loads(open(partial).read())["id"] == os.path.join(workdir, "seed1", "full")
+  means = {r["name"]: r["mean"] for r in result["rows"]}
+  assert means["two_rounds"]["headline/R@10"] == 20.0 and means["baseline"]["headline/R@10"] == 0.0
+  assert means["full"]["headline/R@1"] == pytest.approx(1.5)  # round1: seed + 1, over seeds 0 and 1
+  assert {r["name"]: r["std"]["headline/R@1"] for r in result["rows"]}["full"] == pytest.approx(np.std([1, 2],
+                                                                                                       ddof=1))
+
+
 def test_aggregate_and_headline():
   mean, std = study.aggregate([{"a": 1.0, "b": 2.0}, {"a": 3.0}, {"a": 5.0, "b": 4.0}])
   assert mean == {"a": 3.0} and std == {"a": pytest.approx(2.0)}  # sample std; "b" is not in every seed
