@@ -198,6 +198,14 @@ def test_aggregate_and_headline():
   assert np.isclose(study.aggregate([{"x": 1.0}])[1]["x"], 0.0)
 
 
+def test_study_config_selects_nothing_on_val():
+  cfg = study_config.get_config()
+  assert cfg.train.eval_every >= max(cfg.train.steps, cfg.refine.steps)  # only the final step is evaluated
+  assert cfg.world.seed == 0 and list(cfg.study.seeds) == [0, 1, 2] and list(cfg.study.rows) == list(study.ROWS)
+  for name in cfg.study.rows:  # every row's switches exist in the config
+    study.row_config(cfg, study.ROWS[name], 0, None)
+
+
 def test_config_errors_name_the_keys(tmp_path):
   cfg = _config()
   cfg.study.rows = ("baseline", "everything")
