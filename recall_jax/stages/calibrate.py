@@ -11,6 +11,10 @@ VQA quality control: the same model answers the `verify` template over (referenc
 P(yes) = softmax over the logits of the answer words' tokens (cfg.calibrate.answer_words, default "no", "yes") at
 the answer position, i.e. right after the assistant header. Each word's FIRST token as the tokenizer encodes it is
 used: one token for Qwen's vocabulary; with the tiny byte-level test tokenizer that is the first byte ("n" / "y").
+With cfg.calibrate.verify_reasoning = "describe" (an F taught with teach.reasoning = "describe"), F first writes what
+the pictures show (greedy, up to calibrate.describe_max_tokens tokens), and P(yes) is read right after its
+"Answer:", over the first tokens of " no" / " yes" (`generate.decide`); a description without the marker gives
+P(yes) = 0, counted as `verify_no_marker`, and each sample keeps what F wrote (`verify_text`).
 The triplet is kept when P(yes) >= cfg.calibrate.vqa_threshold. With cfg.calibrate.decomposed_verification, each
 per-intent statement is verified too (`verify_intent` template) and P(yes) is the minimum over all questions.
 
@@ -47,7 +51,8 @@ from recall_jax.data import pipeline, prompts, sft
 from recall_jax.data.image import load_image
 from recall_jax.data.synthetic import TextParseError
 from recall_jax.data.synthetic.oracle import Oracle
-from recall_jax.generate import parse, prompt_files
+from recall_jax.generate import decide, parse, prompt_files
+from recall_jax.generate.decide import answer_token_ids, build_inputs
 from recall_jax.generate.sampler import Sampler
 from recall_jax.generate.sampling import SamplingConfig
 from recall_jax.stages import artifacts, common, mine
@@ -63,39 +68,9 @@ REWRITERS = ("model", "oracle")
 ORACLE_NO_EDIT = "oracle_no_edit"  # parse status when the oracle cannot express reference -> instance
 
 
-def answer_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
-  """The first token id of each answer word as encoded (no special tokens); they must be distinct."""
-  ids = []
-  for word in words:
-    encoded = tokenizer.encode(word, add_special_tokens=False)
-    if not encoded:
-      raise ValueError(f"answer word {word!r} (config calibrate.answer_words) encodes to no token")
-    ids.append(int(encoded[0]))
-  if len(words) != 2 or len(set(ids)) != 2:
-    raise ValueError(f"config calibrate.answer_words must be two words (no, yes) with distinct first tokens, got "
-                     f"{list(words)} -> {ids}")
-  return ids
-
-
 def two_picture_prompt(template: str, text: str) -> str:
   """Chat prompt "Picture 1: <reference> Picture 2: <instance>" + the filled template + the assistant header."""
   return prompts.multi_image_prompt(prompt_files.fill(template, text), num_images=2)
-
-
-def build_inputs(tokenizer: Any, prompt_texts: Sequence[str], image_pairs: Sequence[tuple[str, str]],
-                 load: Callable, encode_cfg: pipeline.EncodeConfig, lengths: Sequence[int]) -> dict[str, np.ndarray]:
-  """Left-padded two-image prompts as the HF processor would give them: input_ids, attention_mask, pixel_values
-  (all patches of all images, prompt order), image_grid_thw (2 per prompt)."""
-  names = [name for pair in image_pairs for name in pair]
-  distinct = list(dict.fromkeys(names))
-  pixels, grids = pipeline.encode_images([load(name) for name in distinct], encode_cfg)
-  where = {name: k for k, name in enumerate(distinct)}
-  rows = [pixels[where[n], :int(np.prod(grids[where[n]]))] for n in names]  # drop each image's zero padding
-  grid = np.stack([grids[where[n]] for n in names]).astype(np.int64)
-  counts = [[int(np.prod(grids[where[n]])) // encode_cfg.merge_size**2 for n in pair] for pair in image_pairs]
-  tokens = prompts.tokenize_batch(tokenizer, list(prompt_texts), counts, tuple(lengths), padding_side="left")
-  return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"],
-          "pixel_values": np.concatenate(rows).astype(np.float32), "image_grid_thw": grid}
 
 
 def _fill(items: list, size: int) -> list:
@@ -135,6 +110,11 @@ class Calibrator:
       raise ValueError(f"config calibrate.vqa_threshold must be in [0, 1], got {ccfg.vqa_threshold}")
     if ccfg.batch_size < 1 or ccfg.max_new_tokens < 1:
       raise ValueError("config calibrate.batch_size and calibrate.max_new_tokens must be >= 1")
+    if ccfg.verify_reasoning not in decide.REASONING:
+      raise ValueError(f"config calibrate.verify_reasoning must be one of {decide.REASONING}, got "
+                       f"{ccfg.verify_reasoning!r}")
+    if ccfg.describe_max_tokens < 1:
+      raise ValueError(f"config calibrate.describe_max_tokens must be >= 1, got {ccfg.describe_max_tokens}")
     self.sampler, self.tokenizer, self.ccfg = sampler, tokenizer, ccfg
     self.encode_cfg, self.load = encode_cfg, load
     self.rewrite_template = prompt_files.load_template(prompt_files.REWRITE_TEMPLATES[ccfg.prompt_mode],
@@ -142,7 +122,7 @@ class Calibrator:
     self.verify_template = prompt_files.load_template(prompt_files.VERIFY_TEMPLATE, ccfg.prompt_dir)
     self.intent_template = (prompt_files.load_template(prompt_files.VERIFY_INTENT_TEMPLATE, ccfg.prompt_dir)
                             if ccfg.decomposed_verification else None)
-    self.answer_ids = answer_token_ids(tokenizer, ccfg.answer_words)
+    self.answer_ids = answer_token_ids(tokenizer, ccfg.answer_words, ccfg.verify_reasoning)
     self.sampling = SamplingConfig(temperature=ccfg.temperature, top_k=ccfg.top_k, top_p=ccfg.top_p)
     self.oracle_rewriter = OracleRewriter(oracle) if ccfg.rewriter == "oracle" else None
     self.parse_mode = self.oracle_rewriter.parse_mode if self.oracle_rewriter else ccfg.prompt_mode
@@ -161,27 +141,36 @@ class Calibrator:
                                 max_new_tokens=self.ccfg.max_new_tokens, sampling=self.sampling, rng=rng)
     return self.sampler.decode_text(out)[:n], np.asarray(out.lengths)[:n].tolist()
 
-  def p_yes(self, template: str, items: Sequence[tuple[str, str, str]]) -> np.ndarray:
-    """P(yes) of the verification prompt per item, in batches of batch_size."""
-    bs, out = self.ccfg.batch_size, []
-    for start in range(0, len(items), bs):
-      chunk = list(items[start:start + bs])
-      scores = self.sampler.score_candidates(**self.inputs(template, _fill(chunk, bs)), candidate_ids=self.answer_ids)
-      out.append(np.exp(np.asarray(scores.log_probs, np.float64)[:len(chunk), 1]))
-    return np.concatenate(out) if out else np.zeros((0,))
+  def decide(self, template: str, items: Sequence[tuple[str, str, str]]) -> decide.Decisions:
+    """The verification prompt's decisions per item (calibrate.verify_reasoning), in batches of batch_size."""
+    c = self.ccfg
+    return decide.yes_probability(
+        self.sampler, self.tokenizer, [two_picture_prompt(template, t) for _, _, t in items],
+        [(r, i) for r, i, _ in items], load=self.load, encode_cfg=self.encode_cfg, lengths=c.prompt_lengths,
+        batch_size=c.batch_size, answer_words=c.answer_words, reasoning=c.verify_reasoning,
+        max_new_tokens=c.describe_max_tokens)
 
-  def verify(self, items: Sequence[tuple[str, str, str]],
-             statements: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray, list[list[float]]]:
-    """(final P(yes), holistic P(yes), per-statement P(yes) lists) per item."""
-    holistic = self.p_yes(self.verify_template, items)
+  def p_yes(self, template: str, items: Sequence[tuple[str, str, str]]) -> np.ndarray:
+    """P(yes) of the verification prompt per item."""
+    return self.decide(template, items).p_yes
+
+  def verify(self, items: Sequence[tuple[str, str, str]], statements: Sequence[Sequence[str]]
+             ) -> tuple[np.ndarray, np.ndarray, list[list[float]], list[dict]]:
+    """(final P(yes), holistic P(yes), per-statement P(yes) lists, what F wrote) per item; the last is
+    {"verify_text", "verify_statement_texts", "verify_no_marker"} (texts None with direct reasoning)."""
+    holistic = self.decide(self.verify_template, items)
     per_statement: list[list[float]] = [[] for _ in items]
+    notes = [{"verify_text": t, "verify_statement_texts": [], "verify_no_marker": bool(m)}
+             for t, m in zip(holistic.texts, holistic.no_marker)]
     if self.intent_template is not None:
       flat = [(k, (r, i, s)) for k, ((r, i, _), ss) in enumerate(zip(items, statements)) for s in ss]
-      scores = self.p_yes(self.intent_template, [x for _, x in flat])
-      for (k, _), p in zip(flat, scores):
+      scores = self.decide(self.intent_template, [x for _, x in flat])
+      for (k, _), p, t, m in zip(flat, scores.p_yes, scores.texts, scores.no_marker):
         per_statement[k].append(float(p))
-    final = np.asarray([min([h, *ps]) for h, ps in zip(holistic, per_statement)], np.float64)
-    return final, holistic, per_statement
+        notes[k]["verify_statement_texts"].append(t)
+        notes[k]["verify_no_marker"] |= bool(m)
+    final = np.asarray([min([h, *ps]) for h, ps in zip(holistic.p_yes, per_statement)], np.float64)
+    return final, holistic.p_yes, per_statement, notes
 
 
 def _oracle_for(images: dict, records: list[dict]) -> Optional[Oracle]:
@@ -221,7 +210,7 @@ def calibrate_batch(calibrator: Calibrator, batch: list[dict], rng: Optional[jax
   raws, new_tokens = calibrator.rewrite([(r["reference"], r["instance"], r["text"]) for r in batch], rng)
   parsed = [_parse(calibrator, raw, r["text"]) for raw, r in zip(raws, batch)]
   ok = [k for k, p in enumerate(parsed) if p.text is not None]
-  final, holistic, per_statement = calibrator.verify(
+  final, holistic, per_statement, notes = calibrator.verify(
       [(batch[k]["reference"], batch[k]["instance"], parsed[k].text) for k in ok], [parsed[k].statements for k in ok])
   verified = {k: j for j, k in enumerate(ok)}
   out = []
@@ -240,6 +229,9 @@ def calibrate_batch(calibrator: Calibrator, batch: list[dict], rng: Optional[jax
         "p_yes": None if j is None else float(final[j]),
         "p_yes_holistic": None if j is None else float(holistic[j]),
         "p_yes_statements": None if j is None else per_statement[j],
+        "verify_reasoning": ccfg.verify_reasoning,
+        **(notes[j] if j is not None else {"verify_text": None, "verify_statement_texts": None,
+                                           "verify_no_marker": None}),
         "oracle_correct": None, "oracle_unparseable": None,
     }
     if oracle is not None and p.text is not None:
@@ -301,6 +293,8 @@ def statistics(samples: list[dict], num_mined: int) -> dict:
       "dropped_by_vqa": parsed - kept, "keep_rate": kept / len(samples) if samples else 0.0,
       "below_vqa_threshold": sum(s["text"] is not None and not s["vqa_pass"] for s in samples),
       "hit_max_new_tokens": sum(s["hit_max_new_tokens"] for s in samples),
+      # describe reasoning: verified samples whose description never reached "Answer:" (P(yes) = 0)
+      "verify_no_marker": sum(bool(s.get("verify_no_marker")) for s in samples),
   }
   judged = [s for s in samples if s["oracle_correct"] is not None]
   if judged:
@@ -324,7 +318,9 @@ def _sheet(samples: list[dict], images: dict, path: str, n: int) -> None:
   for s in shown:
     new = s["text"] if s["text"] is not None else f"(rejected: {s['parse_status']}) {s['raw_generation'][:80]!r}"
     p = "-" if s["p_yes"] is None else f"{s['p_yes']:.3f}"
-    items.append({"reference": s["reference"], "text": f"original: {s['original_text']}\nnew: {new}\nP(yes) = {p}",
+    seen = f"\nF: {s['verify_text'][:120]}" if s.get("verify_text") else ""  # describe reasoning: what F read
+    text = f"original: {s['original_text']}\nnew: {new}\nP(yes) = {p}{seen}"
+    items.append({"reference": s["reference"], "text": text,
                   "images": [(s["instance"], f"P(yes) {p}", "ok" if s["vqa_pass"] else "bad")]})
   if items:
     viz.triplet_sheet(items, lambda name: load_image(images[name]), path,
@@ -394,6 +390,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
       "rewriter": ccfg.rewriter, "vqa_filter": bool(ccfg.vqa_filter),
       "max_records": ccfg.max_records, "vqa_threshold": ccfg.vqa_threshold, "answer_words": list(ccfg.answer_words),
       "answer_token_ids": calibrator.answer_ids, "decomposed_verification": bool(ccfg.decomposed_verification),
+      "verify_reasoning": ccfg.verify_reasoning, "describe_max_tokens": ccfg.describe_max_tokens,
       "oracle": "scene graphs" if oracle is not None else "unavailable" if ccfg.oracle else "off",
       "statistics": stats,
       "outputs": {"generations": os.path.join(out, GENERATIONS), "corrective": os.path.join(out, CORRECTIVE),
