@@ -4,11 +4,16 @@ Four tasks, all built from the training split's scene graphs (`Oracle`):
   caption  Picture = an image, "Describe the garment."                       -> oracle.describe(image)
   vqa      an image + templated yes/no questions (`vqa_pairs` true/false pairs per image, on distinct attributes)
            -> "yes" / "no"
-  rewrite  Stage 3's rewrite prompt (the calibrate stage's template files, minimal-JSON mode): Picture 1 = the
-           reference, Picture 2 = an informative-instance stand-in (a train image of the same category nearest to
-           the target for which the original text is false), the original text
-           -> {"segments": [{"original": <span>, "new": <span>}]} rebuilding the oracle's edit reference -> instance
-           (of its paraphrases, the one closest to the original text)
+  rewrite  Stage 3's rewrite prompt (the calibrate stage's template files, in SFTConfig.prompt_mode): Picture 1 =
+           the reference, Picture 2 = an informative-instance stand-in (a train image of the same category nearest
+           to the target for which the original text is false), the original text
+           -> minimal_json: {"segments": [{"original": <span>, "new": <span>}]} rebuilding the oracle's edit
+              reference -> instance (of its paraphrases, the one closest to the original text);
+           -> staged_cot: {"captions": {"picture_1": ..., "picture_2": ...}, "intents": [], "new_text": <the
+              canonical edit reference -> instance>} (`canonical_edit`: one descriptive clause per changed
+              attribute, in a fixed order). The tiny F is taught the captions and the new text, not the intent
+              decomposition (an empty list, which the parser accepts): a text it can write from the two captions
+              without copying spans, which a tiny model learns slowly.
   verify   Stage 3's verification prompt over (reference, candidate, text)   -> "yes" / "no" by oracle.judge,
            balanced: (target, original) yes, (instance, original) no, (instance, rewrite) yes, (target, rewrite) no.
 
@@ -85,10 +90,18 @@ class SFTConfig:
   caption_join: str = "and"
   reasoning: str = "direct"
   vqa_pairs: int = 1
+  prompt_mode: str = "minimal_json"
+  repeats: tuple[tuple[str, int], ...] = ()  # (task, k): each example of the task k times per epoch
 
   def __post_init__(self):
     if self.reasoning not in REASONING:
       raise ValueError(f"SFT reasoning must be one of {REASONING}, got {self.reasoning!r} (config teach.reasoning)")
+    if self.prompt_mode not in parse.MODES:
+      raise ValueError(f"SFT prompt_mode must be one of {parse.MODES}, got {self.prompt_mode!r} "
+                       f"(config calibrate.prompt_mode)")
+    bad = [(t, k) for t, k in self.repeats if t not in TASKS or int(k) < 1]
+    if bad:
+      raise ValueError(f"SFT repeats must be (task, k >= 1) pairs over {TASKS}, got {bad} (config teach.repeats)")
     if not 1 <= self.vqa_pairs <= 6:
       raise ValueError(f"SFT vqa_pairs must be in [1, 6] (one per attribute), got {self.vqa_pairs} "
                        f"(config teach.vqa_pairs)")
@@ -140,6 +153,20 @@ def rewrite_answer(original: str, new: str, summary: Optional[str] = None) -> st
   """The minimal-JSON answer; with a summary (describe reasoning) it comes first, as the template asks."""
   head = {} if summary is None else {"visual_summary": summary}
   return json.dumps({**head, "segments": minimal_segments(original, new)})
+
+
+def canonical_edit(reference, target) -> str:
+  """The edit reference -> target (Garments) in one fixed wording: a descriptive clause per changed attribute, in
+  ATTRIBUTES order ("is blue, has long sleeves and has a v-neck")."""
+  parts = [language.absolute_clause(a, target.get(a)) for a in reference.diff(target)]
+  if not parts:
+    raise ValueError(f"reference and target are the same garment {reference}")
+  return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def staged_answer(captions: tuple[str, str], new_text: str) -> str:
+  return json.dumps({"captions": {"picture_1": captions[0], "picture_2": captions[1]}, "intents": [],
+                     "new_text": new_text})
 
 
 def decision_answer(description: str, yes: bool) -> str:
@@ -213,7 +240,7 @@ def build_examples(queries: Sequence[Query], images: Mapping[str, str], cfg: SFT
     for n in names:
       out += _vqa_examples(oracle, n, rng, cfg.vqa_pairs, cfg.reasoning)
   if {"rewrite", "verify"} & set(cfg.tasks):
-    rewrite_t = prompt_files.load_template(prompt_files.REWRITE_TEMPLATES["minimal_json"], cfg.prompt_dir)
+    rewrite_t = prompt_files.load_template(prompt_files.REWRITE_TEMPLATES[cfg.prompt_mode], cfg.prompt_dir)
     verify_t = prompt_files.load_template(prompt_files.VERIFY_TEMPLATE, cfg.prompt_dir)
     for k, q in enumerate(queries):
       if q.target is None:
@@ -227,9 +254,15 @@ def build_examples(queries: Sequence[Query], images: Mapping[str, str], cfg: SFT
         raise DataError(f"oracle.edit({q.reference!r}, {instance!r}) = {new!r} is judged false by the oracle")
       describe = cfg.reasoning == "describe"
       if "rewrite" in cfg.tasks:
-        summary = two_picture_summary(oracle, q.reference, instance) if describe else None
-        out.append(Example("rewrite", (q.reference, instance), two_picture_prompt(rewrite_t, text),
-                           rewrite_answer(text, new, summary), q.qid))
+        if cfg.prompt_mode == "staged_cot":
+          canonical = canonical_edit(oracle.garment(q.reference), oracle.garment(instance))
+          if not oracle.judge(q.reference, canonical, instance):
+            raise DataError(f"canonical edit {canonical!r} of {q.reference!r} -> {instance!r} is judged false")
+          answer = staged_answer((oracle.describe(q.reference), oracle.describe(instance)), canonical)
+        else:
+          summary = two_picture_summary(oracle, q.reference, instance) if describe else None
+          answer = rewrite_answer(text, new, summary)
+        out += [Example("rewrite", (q.reference, instance), two_picture_prompt(rewrite_t, text), answer, q.qid)]
       if "verify" in cfg.tasks:
         for candidate, t in ((q.target, text), (instance, text), (instance, new), (q.target, new)):
           yes = oracle.judge(q.reference, t, candidate)
@@ -257,8 +290,9 @@ class _BatchEncoder:
   """Batch plan entry -> batch arrays; picklable (Grain workers)."""
 
   def __init__(self, examples: Sequence[Example], load: pipeline.ImageLoader, tokenizer: Any,
-               encode_cfg: pipeline.EncodeConfig, lengths: Sequence[int]):
+               encode_cfg: pipeline.EncodeConfig, lengths: Sequence[int], origin: Sequence[int]):
     self.examples = tuple(examples)
+    self.origin = np.asarray(origin, np.int32)  # plan index -> index into the caller's examples
     self.load = load
     self.tokenizer = tokenizer
     self.encode_cfg = encode_cfg
@@ -298,7 +332,7 @@ class _BatchEncoder:
         "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
         "pixel_values": pixels[rows].reshape(b, k, *pixels.shape[1:]),
         "image_grid_thw": grids[rows].reshape(b, k, 3),
-        "valid": valid, "example_index": index.astype(np.int32),
+        "valid": valid, "example_index": np.where(valid, self.origin[np.maximum(index, 0)], -1).astype(np.int32),
     }
 
 
@@ -339,5 +373,8 @@ def sft_dataset(examples: Sequence[Example], *, load: pipeline.ImageLoader, toke
   """Fixed-shape batches of `examples` (one task per batch), epochs end to end (forever when num_epochs is None)."""
   if not examples:
     raise ValueError("sft_dataset needs at least one example")
-  plan = _EpochPlan([e.task for e in examples], cfg.batch_size, seed, num_epochs)
-  return grain.MapDataset.source(plan).map(_BatchEncoder(examples, load, tokenizer, encode_cfg, cfg.lengths))
+  repeats = dict(cfg.repeats)
+  index = [i for i, e in enumerate(examples) for _ in range(int(repeats.get(e.task, 1)))]
+  plan = _EpochPlan([examples[i].task for i in index], cfg.batch_size, seed, num_epochs)
+  chosen = [examples[i] for i in index]
+  return grain.MapDataset.source(plan).map(_BatchEncoder(chosen, load, tokenizer, encode_cfg, cfg.lengths, index))

@@ -156,3 +156,33 @@ def test_describe_reasoning_puts_the_facts_in_words_before_deciding(fashioniq_tr
     sft.SFTConfig(lengths=LENGTHS, batch_size=4, reasoning="think")
   with pytest.raises(ValueError, match="teach.vqa_pairs"):
     sft.SFTConfig(lengths=LENGTHS, batch_size=4, vqa_pairs=7)
+
+
+def test_staged_rewrites_and_task_repeats(fashioniq_train):
+  queries, images = fashioniq_train
+  oracle = Oracle(images)
+  cfg = sft.SFTConfig(lengths=(128, 2048), batch_size=4, tasks=("caption", "rewrite"), prompt_mode="staged_cot",
+                      repeats=(("rewrite", 3),))
+  examples = sft.build_examples(queries, images, cfg, seed=0)
+  staged_t = prompt_files.load_template(prompt_files.REWRITE_TEMPLATES["staged_cot"])
+  by_qid = {q.qid: q for q in queries}
+  rewrites = [e for e in examples if e.task == "rewrite"]
+  for e in rewrites:
+    original = prompts.join_captions(by_qid[e.source].captions)
+    assert e.prompt == calibrate.two_picture_prompt(staged_t, original)
+    result = parse.parse_rewrite(e.answer, original, "staged_cot")
+    assert result.reason == parse.OK and oracle.judge(e.images[0], result.text, e.images[1]), e.answer
+    assert json.loads(e.answer)["captions"] == {"picture_1": oracle.describe(e.images[0]),
+                                                "picture_2": oracle.describe(e.images[1])}
+  _, images = fashioniq_train
+  enc = pipeline.EncodeConfig(image_buckets=ImageBuckets.square(56), query_lengths=(256,), target_lengths=(128,))
+  ds = sft.sft_dataset(examples, load=pipeline.FileImages(images), tokenizer=build_tiny_tokenizer(),
+                       encode_cfg=enc, cfg=cfg, seed=0)
+  per_epoch = -(-len(rewrites) * 3 // 4) + -(-(len(examples) - len(rewrites)) // 4)
+  seen = np.concatenate([ds[i]["example_index"] for i in range(per_epoch)])
+  counts = collections.Counter(seen[seen >= 0].tolist())
+  assert {examples[i].task for i, c in counts.items() if c == 3} == {"rewrite"}  # indices into `examples`
+  assert {examples[i].task for i, c in counts.items() if c == 1} == {"caption"}
+  assert sorted(counts) == list(range(len(examples)))
+  with pytest.raises(ValueError, match="teach.repeats"):
+    sft.SFTConfig(lengths=LENGTHS, batch_size=4, repeats=(("poem", 2),))

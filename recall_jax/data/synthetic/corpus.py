@@ -17,7 +17,8 @@ from recall_jax.models.qwen2_5_vl.tiny_tokenizer import TINY_TOKEN_IDS
 _SPECIALS = re.compile("|".join(re.escape(t) for t in TINY_TOKEN_IDS))
 
 
-def world_corpus(world_root: str, *, prompt_dir: str = "", caption_join: str = "and", seed: int = 0) -> list[str]:
+def world_corpus(world_root: str, *, prompt_dir: str = "", prompt_mode: str = "minimal_json", reasoning: str = "direct",
+                 caption_join: str = "and", seed: int = 0) -> list[str]:
   """Texts of the world's training splits under `world_root` (FashionIQ and CIRR layouts), in a fixed order."""
   splits = []
   if os.path.isdir(os.path.join(world_root, "fashioniq")):
@@ -30,6 +31,7 @@ def world_corpus(world_root: str, *, prompt_dir: str = "", caption_join: str = "
   for split in splits:
     for q in split.queries:
       texts.append(prompts.query_prompt(split.dataset, q.captions, q.category, caption_join=caption_join))
-    cfg = sft.SFTConfig(lengths=(1,), batch_size=1, prompt_dir=prompt_dir, caption_join=caption_join)
+    cfg = sft.SFTConfig(lengths=(1,), batch_size=1, prompt_dir=prompt_dir, caption_join=caption_join,
+                        prompt_mode=prompt_mode, reasoning=reasoning)
     texts += [e.prompt + e.answer for e in sft.build_examples(split.queries, split.images, cfg, seed=seed)]
   return [_SPECIALS.sub("\n", t) for t in texts]

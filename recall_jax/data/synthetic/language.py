@@ -229,6 +229,16 @@ def compose_edit(reference: Garment, target: Garment, rng: np.random.Generator) 
   return text
 
 
+def absolute_clause(attr: str, value: str) -> str:
+  """The descriptive clause stating attr == value ("is blue", "has long sleeves", "is plain")."""
+  phrases = {"colour": lambda: f"is {value}", "pattern": lambda: f"is {PATTERN_ADJ[value][0]}",
+             "sleeves": lambda: f"has {SLEEVE_NOUN[value]}", "length": lambda: f"is {LENGTH_ADJ[value][0]}",
+             "neckline": lambda: f"has {NECK_NOUN[value][0]}"}
+  if attr not in phrases or value not in VALUES[attr]:
+    raise ValueError(f"unknown attribute value {attr}={value!r}")
+  return phrases[attr]()
+
+
 def describe_garment(g: Garment) -> str:
   """A one-sentence caption naming the category and every attribute."""
   pattern = "" if g.pattern == "solid" else PATTERN_ADJ[g.pattern][0] + " "
