@@ -12,7 +12,7 @@ from configs import study as study_config
 from recall_jax import study
 from recall_jax.stages import artifacts, calibrate, mine
 
-ROWS = ("baseline", "full", "cot", "hard_negative")
+ROWS = ("baseline", "full", "cot", "hard_negative", "two_rounds")
 
 
 def _config():
@@ -23,7 +23,7 @@ def _config():
   cfg.world.scale = "tiny"
   cfg.world.image_size = 56
   cfg.data.image_buckets = 56
-  cfg.data.dataset = "cirr"  # one split: the cheapest layout for four trainings
+  cfg.data.dataset = "cirr"  # one split: the cheapest layout for five trainings
   cfg.train.steps = cfg.refine.steps = 2
   cfg.refine.infonce_weight = 1.0  # as adapt's: the no-triplet rows then reuse adapt's compiled step
   cfg.train.global_batch_size = 8  # one example per test device
@@ -113,6 +113,17 @@ def test_hard_negative_row_uses_the_full_rows_mining(ran):
                                                                        "calibrate")
 
 
+def test_two_rounds_row_continues_the_full_rows_round(ran):
+  workdir, _, _ = ran
+  seed = os.path.join(workdir, "seed3")
+  for stage in ("mine", "calibrate", "refine"):
+    assert os.path.realpath(os.path.join(seed, "two_rounds", stage)) == os.path.join(seed, "full", stage)
+  mined = artifacts.read_manifest(os.path.join(seed, "two_rounds"), "round2/mine")
+  assert mined["retriever_adapters"] == os.path.join(seed, "full", "refine", "adapters")
+  evaluation = artifacts.read_manifest(os.path.join(seed, "two_rounds"), "evaluate")
+  assert set(evaluation["metrics"]) == {"baseline", "round1", "round2"}
+
+
 def test_results_and_outputs(ran):
   workdir, result, _ = ran
   assert [r["name"] for r in result["rows"]] == list(ROWS)
@@ -122,7 +133,7 @@ def test_results_and_outputs(ran):
     assert r["mean"]["headline/R@10"] == pytest.approx(summary["cirr"]["R@10"])
     assert r["mean"]["cirr/R@1"] == pytest.approx(summary["cirr"]["R@1"])
     assert all(v == 0.0 for v in r["std"].values())  # one seed
-  assert [r["model"] for r in result["rows"]] == ["baseline", "round1", "round1", "round1"]
+  assert [r["model"] for r in result["rows"]] == ["baseline", "round1", "round1", "round1", "round2"]
   on_disk = json.load(open(os.path.join(workdir, study.STUDY_JSON)))
   assert on_disk["rows"] == json.loads(json.dumps(result["rows"]))
   md = open(os.path.join(workdir, study.STUDY_MD)).read()
