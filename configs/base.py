@@ -112,6 +112,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.teach.lora.init = "kaiming"
   c.teach.optim = ml_collections.ConfigDict(
       {"lr": 1e-4, "warmup_fraction": 0.05, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "clip_norm": 1.0})
+  # "describe": yes/no answers and rewrites first put what the pictures show into words (data/sft.py); "direct".
+  c.teach.reasoning = "direct"
+  c.teach.vqa_pairs = 1  # true/false question pairs per training image, each on its own attribute
+  c.teach.repeats = ml_collections.ConfigDict()  # task -> k: its examples k times per epoch (e.g. {"rewrite": 3})
+  # Phase 1: the vision tower classifies the training images' attributes (0 steps: skipped; a real F's tower is
+  # pretrained already).
+  c.teach.vision = ml_collections.ConfigDict(
+      {"steps": 0, "batch_size": 64, "lr": 3e-3, "log_every": 100, "val_images": 256})
+  # F's quality on the val split against the oracle, recorded in the manifest (synthetic world only).
+  c.teach.quality = ml_collections.ConfigDict(
+      {"enabled": False, "vqa_images": 240, "rewrite_queries": 96, "verify_queries": 48})
   c.teach.log_every = 10
   c.teach.checkpoint_every = 100
   c.teach.keep_checkpoints = 1
@@ -132,6 +143,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.calibrate.vqa_threshold = 0.95
   c.calibrate.vqa_filter = True  # False (Table 4 "+ CoT generation"): keep every parsed rewrite; P(yes) still recorded
   c.calibrate.answer_words = ("no", "yes")  # P(yes) = softmax over the first token of each, at the answer position
+  # "describe": F writes what the pictures show, then P(yes) is read after "Answer:" (data/sft.py); "direct".
+  c.calibrate.verify_reasoning = "direct"
+  c.calibrate.describe_max_tokens = 64
   c.calibrate.decomposed_verification = False  # also verify one statement per intent; P(yes) = min over all
   c.calibrate.oracle = True  # score rewrites and VQA decisions with the world's oracle when scene graphs exist
   c.calibrate.sheet_samples = 8

@@ -12,16 +12,38 @@ from configs import base
 
 def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()
-  # Add "teach" after prepare to fine-tune the foundation model on the world first (generative objective; ~6 min).
-  c.stages = "prepare,adapt,mine,calibrate,refine,evaluate"
+  c.stages = "prepare,teach,adapt,mine,calibrate,refine,evaluate,report"
   c.model.checkpoint = ""  # the prepare stage writes a tiny random checkpoint into the workdir
   c.model.dtype = "float32"
+  # The tiny F: 128 x 4 text layers over a world BPE of 1,024 ids, a 64 x 4 vision tower (~1.9M parameters).
+  c.model.tiny_tokenizer = "world"
+  c.model.tiny.text = ml_collections.ConfigDict(
+      {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+       "num_attention_heads": 4, "num_key_value_heads": 2, "mrope_section": (4, 6, 6)})
+  c.model.tiny.vision = ml_collections.ConfigDict(
+      {"hidden_size": 64, "intermediate_size": 128, "depth": 4, "num_heads": 2, "fullatt_block_indexes": (3,)})
   c.data.dataset = "fashioniq"
   c.data.root = ""  # the synthetic world of the prepare stage
   c.data.image_buckets = 112
-  c.data.query_lengths = (320,)  # the tiny tokenizer is byte-level: prompts are long
-  c.data.target_lengths = (128,)
+  c.data.query_lengths = (128,)  # world BPE: FashionIQ queries (two captions) are <= 116 tokens, CIRR's <= 96
+  c.data.target_lengths = (64,)
   c.eval.batch_size = 32
+
+  # Teaching F (before Stage 1, which starts from F): vision phase, then full fine-tuning on all four tasks with
+  # describe-then-decide answers. Selected on a held-out part of train, never on val.
+  c.teach.vision.steps = 500
+  c.teach.tasks = ("caption", "vqa", "rewrite", "verify")
+  c.teach.reasoning = "describe"
+  c.teach.vqa_pairs = 3
+  c.teach.repeats = ml_collections.ConfigDict({"rewrite": 4})  # 1,050 rewrites beside 9,876 questions
+  c.teach.lengths = (64, 256, 544)  # questions; verifications; staged-CoT rewrites (<= 449 prompt + ~70 answer)
+  c.teach.batch_size = 16
+  c.teach.steps = 600
+  c.teach.trainable_regex = ".*"  # a tiny random model: everything moves
+  c.teach.optim.lr = 1e-3
+  c.teach.checkpoint_every = 200
+  c.teach.log_every = 50
+  c.teach.quality.enabled = True
 
   # A random tiny base learns from scratch: larger steps and a softer temperature than the paper's 7B run.
   c.loss.temperature = 0.05
@@ -36,9 +58,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.best_metric = "R@10"  # FashionIQ reports R@10 / R@50
   c.train.data_workers = 0
   c.mine.max_per_query = 1  # ReCALL's FashionIQ setting
-  c.calibrate.batch_size = 8
-  c.calibrate.max_records = 64  # the random model writes noise: a sample shows the mechanics
-  c.calibrate.max_new_tokens = 192  # byte-level tokens: a rewrite answer is 60-320 of them
+  c.calibrate.batch_size = 16
+  c.calibrate.max_records = 0  # every mined failure
+  c.calibrate.prompt_lengths = (256, 480)  # world BPE: verify prompts <= ~200 tokens, staged rewrites <= 449
+  c.calibrate.max_new_tokens = 96  # a staged answer (two captions + the new text) is <= ~70 tokens
+  c.calibrate.verify_reasoning = "describe"
+  # The paper's staged CoT: F captions both pictures, then writes the new text (it is taught no intent list).
+  c.calibrate.prompt_mode = "staged_cot"
   c.refine.steps = 150
   c.refine.margin = 0.2
   return c

@@ -86,7 +86,7 @@ def _rewrites(calibrator: calibrate.Calibrator, oracle: Oracle, queries: list, n
     chunk = items[start:start + ccfg.batch_size]
     rng = None if calibrator.sampling.greedy else jax.random.fold_in(key, b)
     raws += calibrator.rewrite([(q.reference, instance, text) for q, instance, text in chunk], rng)[0]
-  parsed = [parse.parse_rewrite(raw, text, "minimal_json") for raw, (_, _, text) in zip(raws, items)]
+  parsed = [parse.parse_rewrite(raw, text, ccfg.prompt_mode) for raw, (_, _, text) in zip(raws, items)]
   correct = [p.text is not None and calibrate._judge(oracle, q.reference, p.text, instance)[0]
              for p, (q, instance, _) in zip(parsed, items)]
   examples = [{"qid": q.qid, "reference": q.reference, "instance": instance, "original_text": text,
@@ -143,7 +143,7 @@ def evaluate_foundation(model: Any, tokenizer: Any, cfg: ConfigDict, workdir: st
   tokenizer = tokenizer or sampler.tokenizer
   load, encode_cfg = pipeline.FileImages(images), common.encode_config(cfg)
   rewrite_cfg = ccfg.copy_and_resolve_references()
-  rewrite_cfg.prompt_mode, rewrite_cfg.rewriter = "minimal_json", "model"  # the rewrite the teach stage trains
+  rewrite_cfg.rewriter = "model"  # F's own rewrites, in Stage 3's prompt mode (the one the teach stage trains)
   calibrator = calibrate.Calibrator(sampler, tokenizer, rewrite_cfg, encode_cfg, load)
   ask = functools.partial(decide.yes_probability, sampler, tokenizer, load=load, encode_cfg=encode_cfg,
                           lengths=ccfg.prompt_lengths, batch_size=ccfg.batch_size, answer_words=ccfg.answer_words,

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import demo
+from configs import tiny as demo
 from recall_jax import main
 from recall_jax.data import pipeline, sft
 from recall_jax.data.synthetic.oracle import Oracle

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from configs import demo
+from configs import tiny as demo
 from recall_jax import main
 from recall_jax.stages import artifacts, mine
 

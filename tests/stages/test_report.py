@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from configs import demo
+from configs import tiny as demo
 from recall_jax.stages import artifacts, report
 
 CATS = ("dress", "shirt", "toptee")

@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from configs import demo
+from configs import tiny as demo
 from recall_jax import main
 from recall_jax.eval import encode
 from recall_jax.stages import artifacts, calibrate, common, evaluate, mine, refine, report

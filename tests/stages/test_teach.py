@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import demo
+from configs import tiny as demo
 from recall_jax import main
 from recall_jax.models import qwen2_5_vl
 from recall_jax.stages import artifacts, common, prepare, teach

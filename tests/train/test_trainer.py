@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import demo
+from configs import tiny as demo
 from recall_jax import parallel
 from recall_jax.data import pipeline
 from recall_jax.data.image import ImageBuckets
