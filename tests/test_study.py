@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import study as study_config
+from configs import tiny
 from recall_jax import study
 from recall_jax.stages import artifacts, calibrate, mine
 
@@ -16,11 +17,13 @@ ROWS = ("baseline", "full", "cot", "hard_negative", "two_rounds")
 
 
 def _config():
-  cfg = study_config.get_config()
+  """The study's rows on the test-scale pipeline (configs/tiny.py: untaught F, no teach stage)."""
+  cfg = tiny.get_config()
+  with cfg.unlocked():
+    cfg.study = study_config.get_config().study
   cfg.study.seeds = (3,)
   cfg.study.rows = ROWS
-  cfg.stages = "prepare,adapt,mine,calibrate,refine,evaluate"  # no teach: F's quality is not what is tested
-  cfg.world.scale = "tiny"
+  cfg.eval.foundation_verification = False
   cfg.world.image_size = 56
   cfg.data.image_buckets = 56
   cfg.data.dataset = "cirr"  # one split: the cheapest layout for five trainings
