@@ -6,9 +6,9 @@ Launch (what `bash launch/study.sh` runs):
 Override any field on the command line, e.g. `'--config.study.rows=("baseline", "full")' --config.refine.steps=60`.
 
 Budget, estimated from stage timings on the demo world (not measured end to end; ~0.75 s per training step, ~8 s
-per val evaluation, ~15 rewrites/s on 2 idle cores): teach once (~10 min), then per seed ~25 min (adapt 300 steps,
-8 refinements of 80 steps, 27 evaluations, 3 minings, 4 calibrations of every mined failure): ~85 min in all.
-study.json records each row's seconds; fewer rows or `--config.refine.steps` are the levers.
+per val evaluation, ~15 rewrites/s on 2 idle cores): teach once (the demo's), then per seed ~25 min (adapt 300
+steps, 8 refinements of 80 steps, 27 evaluations, 3 minings, 4 calibrations of every mined failure): ~75 min after
+teach. study.json records each row's seconds; fewer rows or `--config.refine.steps` are the levers.
 """
 
 import ml_collections
