@@ -130,12 +130,12 @@ def _image_dependence(names: list[str], ask, seed: int) -> tuple[dict, dict]:
 
 
 def evaluate_foundation(model: Any, tokenizer: Any, cfg: ConfigDict, workdir: str, *,
-                        sampler: Optional[Sampler] = None) -> dict:
-  """F's quality figures (module doc) on the val split of cfg.data.dataset; `sampler` replaces the one built from
-  (model, tokenizer) as calibrate.run builds it."""
+                        sampler: Optional[Sampler] = None, split: str = "val") -> dict:
+  """F's quality figures (module doc) on `split` (the val split; the teach test also reads train) of
+  cfg.data.dataset; `sampler` replaces the one built from (model, tokenizer) as calibrate.run builds it."""
   started = time.perf_counter()
   ccfg, qcfg, reasoning = cfg.calibrate, cfg.teach.quality, cfg.teach.reasoning
-  splits = common.read_splits(cfg, workdir, "val")
+  splits = common.read_splits(cfg, workdir, split)
   images = {name: path for s in splits for name, path in s.images.items()}
   oracle = Oracle(images)
   if sampler is None:
