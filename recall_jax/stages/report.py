@@ -215,7 +215,12 @@ def markdown(report: dict) -> str:
   q = report["foundation"]
   lines += ["## Foundation model", "", f"checkpoint: {q['checkpoint'] or '-'}; taught: {q['taught']}", ""]
   if q["quality"]:
-    lines += _table(["figure", "value"], [[k, v] for k, v in q["quality"].items()])
+    lines += _table(["figure", "value"], _figures(q["quality"]))
+    examples = q["quality"].get("examples") or {}
+    for kind in ("rewrites", "verify"):
+      for e in examples.get(kind, []):
+        lines.append(f"- {kind[:-1] if kind == 'rewrites' else kind}: {json.dumps(e, sort_keys=True)}")
+    lines.append("")
   lines += ["## Time per stage (s)", "", *_table(["stage", "seconds"], [[k, v] for k, v in
                                                                         report["stage_seconds"].items()])]
   return "\n".join(lines)
@@ -223,6 +228,11 @@ def markdown(report: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # report.png
+
+
+def _figures(quality: dict) -> list[list]:
+  """F's scalar figures (the counts, the examples and the settings are listed apart)."""
+  return [[k, v] for k, v in quality.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)]
 
 
 def picture(report: dict, path: str) -> str:
@@ -254,7 +264,7 @@ def picture(report: dict, path: str) -> str:
                           [[k, _fmt(v, 1)] for k, v in report["stage_seconds"].items()], first_col_width=140)]
   if report["foundation"]["quality"]:
     row3.append(viz.table_image("F quality (teach)", ["figure", "value"],
-                                [[k, _fmt(v, 3)] for k, v in report["foundation"]["quality"].items()],
+                                [[k, _fmt(v, 3)] for k, v in _figures(report["foundation"]["quality"])],
                                 first_col_width=170))
   title = (f"ReCALL {report['dataset']} {report['split']}: baseline vs refined (round {report['refined_round']})"
            + (f"  [{len(report['warnings'])} notes in report.md]" if report["warnings"] else ""))
