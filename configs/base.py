@@ -123,6 +123,8 @@ def get_config() -> ml_collections.ConfigDict:
   # F's quality on the val split against the oracle, recorded in the manifest (synthetic world only).
   c.teach.quality = ml_collections.ConfigDict(
       {"enabled": False, "vqa_images": 240, "rewrite_queries": 96, "verify_queries": 48})
+  # Every this many steps, the image dependence of F's P(yes) on a few val images is logged (0: never).
+  c.teach.probe_every = 0
   c.teach.log_every = 10
   c.teach.checkpoint_every = 100
   c.teach.keep_checkpoints = 1

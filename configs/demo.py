@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.teach.checkpoint_every = 200
   c.teach.log_every = 50
   c.teach.quality.enabled = True
+  c.teach.probe_every = 200  # image dependence of P(yes) during teaching (val/image_dependence in metrics.jsonl)
 
   # A random tiny base learns from scratch: larger steps and a softer temperature than the paper's 7B run.
   c.loss.temperature = 0.05

@@ -119,8 +119,22 @@ def trainable(model, cfg: ConfigDict):
 
 def _loop_config(t: ConfigDict) -> ConfigDict:
   return ConfigDict({"steps": t.steps, "log_every": t.log_every, "checkpoint_every": t.checkpoint_every,
-                     "eval_every": t.steps, "keep_checkpoints": t.keep_checkpoints, "best_metric": "",
-                     "data_threads": t.data_threads, "data_workers": 0})
+                     "eval_every": t.probe_every or t.steps, "keep_checkpoints": t.keep_checkpoints,
+                     "best_metric": "", "data_threads": t.data_threads, "data_workers": 0})
+
+
+def image_probe(cfg: ConfigDict, workdir: str, tokenizer):
+  """model -> the image dependence of F's P(yes) (and its mean) on a few val images, logged during teaching (the
+  first probe's model learned to ignore the image first); nothing is selected by it."""
+  from recall_jax.stages import foundation_quality
+  probe_cfg = cfg.copy_and_resolve_references()
+  probe_cfg.teach.quality.update({"vqa_images": 0, "rewrite_queries": 0, "verify_queries": 0})
+
+  def probe(model) -> dict[str, float]:
+    q = foundation_quality.evaluate_foundation(model, tokenizer, probe_cfg, workdir)
+    return {"image_dependence": q["image_dependence"], "mean_p_yes": q["image_dependence_mean_p_yes"]}
+
+  return probe
 
 
 def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
@@ -146,7 +160,8 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
       host_batch=lambda batch, step: generative.host_batch(model.cfg, batch, step_seed=cfg.seed * 7919 + step),
       make_step=generative.make_train_step)
   result = trainer.fit(model, objective, train_cfg=_loop_config(t), optim_cfg=t.optim, seed=cfg.seed, out_dir=out,
-                       mesh=parallel.make_mesh(tuple(cfg.mesh.shape)))
+                       mesh=parallel.make_mesh(tuple(cfg.mesh.shape)),
+                       eval_fn=image_probe(cfg, workdir, tokenizer) if t.probe_every else None)
   if result.steps != t.steps:
     raise RuntimeError(f"[teach] training stopped at step {result.steps} of {t.steps}")
   # The trained params come back replicated over the mesh; host copies let merge and save run beside the base.

@@ -213,7 +213,7 @@ def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: Config
     if eval_fn is not None and ((step + 1) % t.eval_every == 0 or at_end):
       scores = _evaluate(model, eval_fn, state["adapters"])
       writer.write(step + 1, scores, prefix="val/")
-      if ckpt.save_best(step + 1, state, scores):
+      if t.best_metric and ckpt.save_best(step + 1, state, scores):  # "": logged only, nothing selected
         log.info("[train] new best %s=%.3f at step %d", t.best_metric, scores[t.best_metric], step + 1)
     if stop_after and done_here >= stop_after and not at_end:
       break

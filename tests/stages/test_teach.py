@@ -45,11 +45,12 @@ def prepared(tmp_path_factory):
   return workdir
 
 
-def _teach(prepared, tmp_path, regex):
+def _teach(prepared, tmp_path, regex, probe_every=0):
   workdir = str(tmp_path / "run")
   os.makedirs(workdir)
   os.symlink(os.path.join(prepared, "prepare"), os.path.join(workdir, "prepare"))  # share the world and base
   cfg = _config(regex)
+  cfg.teach.probe_every = probe_every
   assert common.foundation_checkpoint(cfg, workdir) == prepare.checkpoint_dir(cfg, workdir)
   main.run(cfg, workdir, ["teach"])
   manifest = artifacts.read_manifest(workdir, "teach")
@@ -57,7 +58,10 @@ def _teach(prepared, tmp_path, regex):
 
 
 def test_full_fine_tuning_writes_the_checkpoint_calibrate_uses(prepared, tmp_path):
-  cfg, workdir, manifest = _teach(prepared, tmp_path, ".*")
+  cfg, workdir, manifest = _teach(prepared, tmp_path, ".*", probe_every=1)
+  probes = [r for r in artifacts.read_jsonl(os.path.join(workdir, "teach", "metrics.jsonl"))
+            if "val/image_dependence" in r]
+  assert len(probes) == 2 and all(0 <= r["val/image_dependence"] <= 0.5 for r in probes)  # logged every step
   path = os.path.join(workdir, "teach", teach.CHECKPOINT)
   assert manifest["checkpoint"] == path and manifest["steps"] == 2
   assert set(manifest["examples_by_task"]) == {"caption", "verify"}
