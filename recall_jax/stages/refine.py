@@ -24,30 +24,28 @@ log = logging.getLogger("recall_jax")
 MODES = ("corrective", "originals", "hard_negative")
 
 
-def corrective_queries(path: str) -> list[Query]:
-  """corrective.jsonl (Stage 3) -> training triplets keyed into their original query's micro-group."""
-  out = []
+def _records(path: str, required: tuple[str, ...]):
+  """(line number, record) of a stage's JSONL file, each checked to hold `required`."""
   for i, r in enumerate(artifacts.read_jsonl(path)):
-    missing = [k for k in ("id", "reference", "captions", "targets", "group") if k not in r]
+    missing = [k for k in required if k not in r]
     if missing:
       raise ValueError(f"{path}: record {i + 1} lacks {missing}")
-    out.append(Query(qid=f"corrective/{r['id']}", reference=r["reference"], captions=tuple(r["captions"]),
-                     targets=tuple(r["targets"]), category=r.get("category"), group=r["group"],
-                     source=f"{path}#{i}"))
-  return out
+    yield i, r
+
+
+def corrective_queries(path: str) -> list[Query]:
+  """corrective.jsonl (Stage 3) -> training triplets keyed into their original query's micro-group."""
+  return [Query(qid=f"corrective/{r['id']}", reference=r["reference"], captions=tuple(r["captions"]),
+                targets=tuple(r["targets"]), category=r.get("category"), group=r["group"], source=f"{path}#{i}")
+          for i, r in _records(path, ("id", "reference", "captions", "targets", "group"))]
 
 
 def hard_negative_queries(path: str) -> list[Query]:
   """mined.jsonl (Stage 2) -> negative-only slots: each instance as an extra negative in its query's micro-group."""
-  out = []
-  for i, r in enumerate(artifacts.read_jsonl(path)):
-    missing = [k for k in ("id", "reference", "captions", "instance", "group") if k not in r]
-    if missing:
-      raise ValueError(f"{path}: record {i + 1} lacks {missing}")
-    out.append(Query(qid=f"hard_negative/{r['id']}", reference=r["reference"], captions=tuple(r["captions"]),
-                     targets=(r["instance"],), category=r.get("category"), group=r["group"], source=f"{path}#{i}",
-                     negative_only=True))
-  return out
+  return [Query(qid=f"hard_negative/{r['id']}", reference=r["reference"], captions=tuple(r["captions"]),
+                targets=(r["instance"],), category=r.get("category"), group=r["group"], source=f"{path}#{i}",
+                negative_only=True)
+          for i, r in _records(path, ("id", "reference", "captions", "instance", "group"))]
 
 
 def extra_queries(mode: str, workdir: str, round_num: int) -> list[Query]:

@@ -40,7 +40,7 @@ from recall_jax.data import pipeline, sft
 from recall_jax.data.synthetic.attributes import ATTRIBUTES, CATEGORIES, VALUES
 from recall_jax.data.synthetic.oracle import Oracle
 from recall_jax.models import lora, qwen2_5_vl
-from recall_jax.stages import common, prepare
+from recall_jax.stages import artifacts, common, prepare
 from recall_jax.train import generative, trainer, vision_pretrain
 
 log = logging.getLogger("recall_jax")
@@ -101,7 +101,6 @@ def teach_vision(model, cfg: ConfigDict, workdir: str, out: str, train_images: d
   figures["images"] = len(names)
   if jax.process_index() == 0:
     qwen2_5_vl.save_pretrained(model, path)
-    from recall_jax.stages import artifacts
     artifacts.atomic_write_json(figures_path, figures)
   return figures
 
