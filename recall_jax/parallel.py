@@ -94,3 +94,22 @@ def param_shardings(paths_and_shapes: dict[str, tuple[int, ...]], mesh: Mesh,
 def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Turns this process's slice of a global batch into global arrays sharded over the batch axes."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}
+
+
+def settle(tree):
+  """Waits for `tree` when it lives on several CPU devices; elsewhere returns at once. Returns `tree`.
+
+  XLA:CPU runs every device of a multi-device program on one shared thread pool, and each device blocks a pool
+  thread at every collective until its peers arrive. With several such executions queued (async dispatch), the
+  peers' work can sit behind the blocked threads: a deadlock that XLA aborts after 40 s ("Termination timeout for
+  all gather RendezvousKey..."). Seen on jax 0.10.2 with 8 host devices on 2 cores, in the suite and in a bare
+  repro; `jax_cpu_enable_async_dispatch=False` does not cover multi-device programs. GPU and TPU order their
+  collectives per stream, so there this is a no-op and the step loop keeps its asynchronous dispatch.
+  """
+  for leaf in jax.tree.leaves(tree):
+    if isinstance(leaf, jax.Array):
+      devices = leaf.sharding.device_set
+      if len(devices) > 1 and next(iter(devices)).platform == "cpu":
+        jax.block_until_ready(tree)
+      break
+  return tree

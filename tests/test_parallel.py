@@ -1,9 +1,10 @@
 """Mesh construction and regex sharding rules on 8 fake CPU devices."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from recall_jax import parallel
 
@@ -35,3 +36,20 @@ def test_host_to_global_shards_batch_over_data_and_fsdp():
   assert g.sharding.spec == P(("data", "fsdp"), None)
   assert len(g.addressable_shards) == 8 and g.addressable_shards[0].data.shape == (2, 3)
   np.testing.assert_array_equal(np.asarray(g), x)
+
+
+def test_settle_waits_for_a_multi_device_cpu_program():
+  # XLA:CPU can deadlock with several multi-device collective programs queued; settle is what keeps one in flight.
+  mesh = parallel.make_mesh((2, 4, 1))
+  x = jax.device_put(jnp.ones((512, 512)), NamedSharding(mesh, P(("data", "fsdp"))))
+
+  @jax.jit
+  def slow(x):
+    for _ in range(30):
+      x = jnp.tanh(jax.lax.with_sharding_constraint(x @ x.T, NamedSharding(mesh, P(None, ("data", "fsdp")))))
+    return x.sum()
+
+  out = parallel.settle({"loss": slow(x)})
+  assert out["loss"].is_ready()
+  single = jax.device_put(jnp.ones((4,)), jax.devices()[0])
+  assert parallel.settle(single) is single  # one device: returned as it is

@@ -40,7 +40,7 @@ def _embed_dataset(model, dataset, prefix: str, count: int, mesh: Optional[Mesh]
     if mesh is not None:
       inputs = _shard_batch(inputs, mesh)
     # Dispatch now, read back later: the host keeps preparing batches while the device computes.
-    pending.append((batch["index"], batch["valid"], _embed_step(graphdef, state, inputs)))
+    pending.append((batch["index"], batch["valid"], parallel.settle(_embed_step(graphdef, state, inputs))))
     if (step + 1) % 20 == 0 or step + 1 == len(dataset):
       for index, valid, emb in pending:
         emb = np.asarray(jax.device_get(emb), np.float32)

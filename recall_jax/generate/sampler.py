@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from recall_jax import parallel
 from recall_jax.generate import kv_cache
 from recall_jax.generate.sampling import GREEDY, SamplingConfig, sample
 from recall_jax.models.qwen2_5_vl.model import Qwen25VLModel
@@ -216,7 +217,7 @@ class Sampler:
     inputs = self._prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
     graphdef, state = nnx.split(self.model)
     cache_length = inputs["input_ids"].shape[1] + max_new_tokens
-    logits, cache, positions = jitted_prefill(graphdef, state, inputs, cache_length)
+    logits, cache, positions = parallel.settle(jitted_prefill(graphdef, state, inputs, cache_length))
     output, _ = jitted_decode(graphdef, state, cache, logits, positions, rng, np.asarray(self.eos_ids, np.int32),
                               np.int32(self.pad_id), max_new_tokens=max_new_tokens, sampling=sampling,
                               return_logits=return_logits)

@@ -197,7 +197,8 @@ def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: Config
     arrays, geometry = objective.host_batch(batch, step)
     arrays = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
         parallel.batch_sharding(mesh, x.ndim), x), arrays)
-    state, metrics = train_step(state, frozen, arrays, geometry)
+    # settle: a no-op but on multi-device CPU, where queued collective programs can deadlock.
+    state, metrics = parallel.settle(train_step(state, frozen, arrays, geometry))
     step_metrics = _collection(tuple(metrics)).single_from_model_output(**metrics)
     interval = step_metrics if interval is None else interval.merge(step_metrics)
     done_here += 1
