@@ -101,6 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.teach = ml_collections.ConfigDict()
   c.teach.tasks = ("caption", "vqa", "rewrite", "verify")
   c.teach.lengths = (256, 768, 1536)  # token buckets; the rewrite prompt is the longest
+  c.teach.seed = 0  # teach's own randomness (examples, init, batches, quality draws): F stays fixed across config.seed
   c.teach.batch_size = 8
   c.teach.steps = 300
   c.teach.trainable_regex = ""  # "": LoRA (teach.lora), merged at the end; a regex of param paths: full fine-tuning

@@ -1,7 +1,9 @@
 """Entry point: `python -m recall_jax.main --config configs/<name>.py --workdir DIR [--stages a,b]`.
 
 Runs the configured stages in order; each writes its artifacts under DIR/<stage>/ and is skipped when its manifest
-exists, so an interrupted run resumes where it stopped. The config used is written to DIR/config.json.
+exists and was made from the same config fields and inputs (stages/fingerprint.py), so an interrupted run resumes
+where it stopped and a changed config never mixes with old artifacts (--on_change=refuse|rerun). The config is
+written to DIR/config.json, and every run's to DIR/config_history.jsonl.
 With config rounds = R, the round stages (mine, calibrate, refine) in the list run R times: round 1 in DIR/mine, ...,
 round r >= 2 in DIR/round<r>/mine, ... (`artifacts.expand_stages`). A plain name in --stages means every round;
 "round2/mine" names one.
@@ -12,16 +14,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from recall_jax import parallel
-from recall_jax.stages import artifacts
+from recall_jax import config_check, parallel
+from recall_jax.stages import artifacts, fingerprint
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every artifact of the run.", required=True)
 _STAGES = flags.DEFINE_list("stages", None, "Stages to run (default: config.stages).")
+_ON_CHANGE = flags.DEFINE_enum(
+    "on_change", "refuse", list(artifacts.ON_CHANGE),
+    "When a stage's artifacts were made from other config fields or inputs: refuse (an error naming what changed, "
+    "before anything runs) or rerun it and every stage after it (old folders move to <workdir>/superseded/).")
 
 log = logging.getLogger("recall_jax")
 
@@ -45,16 +52,39 @@ def _stage_call(fns: dict, cfg, workdir: str, name: str):
   return lambda d: fns[stage](cfg, workdir, d)
 
 
-def run(cfg, workdir: str, stages: list[str]) -> dict:
-  """Runs `stages` (expanded over config rounds) in order; returns {stage name: manifest}."""
+def _provenance(cfg, workdir: str, stage: str) -> dict:
+  return artifacts.provenance(workdir, stage, fingerprint.config_fields(cfg, workdir, stage),
+                              fingerprint.upstream_stages(stage, cfg.rounds))
+
+
+def run(cfg, workdir: str, stages: list[str], on_change: str = "refuse") -> dict:
+  """Runs `stages` (expanded over config rounds) in order; returns {stage name: manifest}.
+
+  A stage whose finished or partial artifacts were made from other config fields or inputs (fingerprint.py) is
+  refused before anything runs (on_change "refuse"), or redone with the stages after it ("rerun")."""
+  if on_change not in artifacts.ON_CHANGE:
+    raise ValueError(f"--on_change must be one of {artifacts.ON_CHANGE}, got {on_change!r}")
   fns = _stage_fns()
+  config_check.validate(cfg, list(stages))  # every value checked before any stage runs
   stages = artifacts.expand_stages(list(stages), cfg.rounds)
   calls = {name: _stage_call(fns, cfg, workdir, name) for name in stages}  # every name checked before any runs
+  if on_change == "refuse":  # every stale stage named before any work starts
+    stale = {s: r for s in stages if (r := artifacts.check_stage(workdir, s, _provenance(cfg, workdir, s)))}
+    if stale:
+      first = next(iter(stale))
+      raise artifacts.StaleStageError(first, artifacts.stage_dir(workdir, first),
+                                      [f"{s}: {r}" for s, rs in stale.items() for r in rs])
   os.makedirs(workdir, exist_ok=True)
-  artifacts.atomic_write_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort()))
+  config = json.loads(cfg.to_json_best_effort())
+  artifacts.atomic_write_json(os.path.join(workdir, "config.json"), config)  # the latest; the history below
+  with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
+    f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": stages, "on_change": on_change,
+                        "config": config}, sort_keys=True, default=str) + "\n")
   out = {}
   for stage in stages:
-    out[stage] = artifacts.run_stage(workdir, stage, calls[stage], log=log.info)
+    # Provenance is taken when the stage starts: upstream stages rerun just before count with their new run ids.
+    out[stage] = artifacts.run_stage(workdir, stage, calls[stage], log=log.info,
+                                     current=_provenance(cfg, workdir, stage), on_change=on_change)
   return out
 
 
@@ -74,8 +104,11 @@ def main(argv):
   setup_logging()
   parallel.maybe_initialize_distributed()
   cfg = _CONFIG.value
+  if cfg is None:
+    raise app.UsageError("--config is required: a config file, e.g. --config configs/demo.py "
+                         "(overrides as --config.train.steps=10)")
   stages = _STAGES.value or [s.strip() for s in cfg.stages.split(",") if s.strip()]
-  results = run(cfg, _WORKDIR.value, stages)
+  results = run(cfg, _WORKDIR.value, stages, on_change=_ON_CHANGE.value)
   summary = {s: m.get("metrics") for s, m in results.items() if m.get("metrics")}
   if summary:
     log.info("summary: %s", json.dumps(summary, indent=1, sort_keys=True))

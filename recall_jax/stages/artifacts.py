@@ -6,6 +6,7 @@ import json
 import os
 import re
 import time
+import uuid
 from typing import Any, Callable, Iterable
 
 from recall_jax import files
@@ -97,20 +98,111 @@ def read_manifest(workdir: str, stage: str) -> dict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: stage {stage!r} has not finished (run it first)")
   with open(path) as f:
-    return json.load(f)
+    text = f.read()
+  try:
+    manifest = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: the manifest of stage {stage!r} is not valid JSON ({e}); remove that folder to rerun "
+                     "the stage") from e
+  if not isinstance(manifest, dict):
+    raise ValueError(f"{path}: the manifest of stage {stage!r} is not a JSON object")
+  return manifest
 
 
-def run_stage(workdir: str, stage: str, fn: Callable[[str], dict], *, log: Callable[[str], None] = print) -> dict:
-  """Runs fn(stage_dir) unless the stage's manifest exists; fn returns the manifest (outputs, statistics)."""
-  if is_done(workdir, stage):
-    log(f"[{stage}] done already ({os.path.join(stage_dir(workdir, stage), MANIFEST)}); skipping")
-    return read_manifest(workdir, stage)
+STARTED = "started.json"  # what a stage that has not finished yet was started from (its partial files' origin)
+SUPERSEDED = "superseded"
+ON_CHANGE = ("refuse", "rerun")
+
+
+def provenance(workdir: str, stage: str, fields: dict, upstream: list[str]) -> dict:
+  """What stage `stage` is made from now: its config fields, their digest, and the run ids of the finished upstream
+  stages (None for a manifest written without one)."""
+  from recall_jax.stages import fingerprint
+  inputs = {u: read_manifest(workdir, u).get("run_id") for u in upstream if is_done(workdir, u)}
+  return {"fingerprint": fingerprint.digest(fields), "config_fields": fields, "inputs": inputs}
+
+
+def stale_reasons(recorded: dict, current: dict) -> list[str]:
+  """Why artifacts recorded with provenance `recorded` do not belong to `current` ([] when they do)."""
+  from recall_jax.stages import fingerprint
+  if "config_fields" not in recorded:
+    return ["it records no config fingerprint (written by an older version, or by hand)"]
+  reasons = [f"config {c}" for c in fingerprint.changed_fields(recorded["config_fields"], current["config_fields"])]
+  before, now = recorded.get("inputs", {}), current["inputs"]
+  for u in sorted(set(before) | set(now)):
+    if before.get(u, "absent") != now.get(u, "absent"):
+      reasons.append(f"input stage {u!r} " + ("finished since" if u not in before else "was removed" if u not in now
+                                              else "was rerun since"))
+  return reasons
+
+
+def check_stage(workdir: str, stage: str, current: dict) -> list[str]:
+  """Why the finished (manifest) or started (started.json) artifacts of `stage` are stale; [] when they are
+  current or absent."""
   out = stage_dir(workdir, stage)
+  if is_done(workdir, stage):
+    return stale_reasons(read_manifest(workdir, stage), current)
+  started = os.path.join(out, STARTED)
+  if os.path.exists(started):
+    with open(started) as f:
+      return [f"(partial) {r}" for r in stale_reasons(json.load(f), current)]
+  return []
+
+
+def supersede(workdir: str, stage: str) -> str:
+  """Moves a stale stage folder (or link) aside to <workdir>/superseded/; returns where it went. Nothing is
+  deleted."""
+  src = stage_dir(workdir, stage)
+  dst = os.path.join(workdir, SUPERSEDED, f"{stage.replace('/', '_')}.{time.strftime('%Y%m%d-%H%M%S')}")
+  k = 0
+  while os.path.lexists(dst + (f".{k}" if k else "")):
+    k += 1
+  dst += f".{k}" if k else ""
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  os.replace(src, dst)
+  return dst
+
+
+class StaleStageError(ValueError):
+  """A stage's artifacts were made from another config or other inputs, and the run was told to refuse."""
+
+  def __init__(self, stage: str, path: str, reasons: list[str]):
+    self.stage, self.reasons = stage, reasons
+    super().__init__(f"stage {stage!r} ({path}) was made from something else: " + "; ".join(reasons[:12])
+                     + (f"; and {len(reasons) - 12} more" if len(reasons) > 12 else "")
+                     + ". Rerun with --on_change=rerun to redo it and the stages after it (the old folder moves to "
+                     f"{SUPERSEDED}/), or use another --workdir.")
+
+
+def run_stage(workdir: str, stage: str, fn: Callable[[str], dict], *, log: Callable[[str], None] = print,
+              current: dict | None = None, on_change: str = "refuse") -> dict:
+  """Runs fn(stage_dir) unless the stage's manifest exists; fn returns the manifest (outputs, statistics).
+
+  With `current` (provenance()), finished or partial artifacts made from anything else are never reused: with
+  on_change "refuse" that is an error naming the changed fields, with "rerun" the old folder moves to superseded/
+  and the stage runs afresh. The manifest records `current` and a new run id."""
+  if on_change not in ON_CHANGE:
+    raise ValueError(f"on_change must be one of {ON_CHANGE}, got {on_change!r}")
+  out = stage_dir(workdir, stage)
+  if current is not None:
+    reasons = check_stage(workdir, stage, current)
+    if reasons and on_change == "refuse":
+      raise StaleStageError(stage, out, reasons)
+    if reasons:
+      log(f"[{stage}] stale ({'; '.join(reasons[:5])}): moved to {supersede(workdir, stage)}")
+  if is_done(workdir, stage):
+    log(f"[{stage}] done already ({os.path.join(out, MANIFEST)}); skipping")
+    return read_manifest(workdir, stage)
   os.makedirs(out, exist_ok=True)
+  if current is not None:
+    atomic_write_json(os.path.join(out, STARTED), current)
   t0 = time.perf_counter()
   log(f"[{stage}] starting")
   manifest = dict(fn(out))
   manifest["seconds"] = round(time.perf_counter() - t0, 2)
+  manifest["run_id"] = uuid.uuid4().hex
+  if current is not None:
+    manifest.update(current)
   atomic_write_json(os.path.join(out, MANIFEST), manifest)
   log(f"[{stage}] finished in {manifest['seconds']:.1f}s")
   return manifest

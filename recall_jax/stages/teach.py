@@ -137,6 +137,9 @@ def image_probe(cfg: ConfigDict, workdir: str, tokenizer):
 
 
 def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.seed = cfg.teach.seed  # every draw below (and in vision pretraining and the quality check) is teach's own
   t = cfg.teach
   splits = common.read_splits(cfg, workdir, "train")
   queries = [q for s in splits for q in s.queries]

@@ -1,0 +1,85 @@
+"""What a stage's artifacts were made from, so that a rerun with a changed config never mixes with them.
+
+A stage's fingerprint hashes the config fields that can change its artifacts: its own config sections and those of
+every stage before it in the pipeline's order (prepare, teach, adapt, then each round's mine, calibrate, refine, then
+evaluate, report). An upstream change therefore changes every later fingerprint. Each manifest also records the
+run ids of the upstream manifests it read, so an upstream stage that was rerun (same config, new artifacts) makes
+its dependants stale too. Fields that cannot change results (logging cadence, contact sheets, input threads, the
+mesh: sharded == unsharded) are left out, so changing them reruns nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+from ml_collections import ConfigDict
+
+# Config sections per stage (dotted prefixes). A stage depends on its own and on all earlier stages' sections.
+SECTIONS = {
+    "prepare": ("world", "model", "data"),
+    "teach": ("teach",),
+    "adapt": ("seed", "train", "lora", "loss", "optim", "eval", "sharding"),
+    "mine": ("mine",),
+    "calibrate": ("calibrate",),
+    "refine": ("refine",),
+    "evaluate": ("rounds",),
+    "report": (),
+}
+ORDER = tuple(SECTIONS)
+_NEUTRAL = re.compile(r"(^|\.)(log_every|probe_every|sheet_\w+|data_threads|data_workers|keep_checkpoints|"
+                      r"checkpoint_every|tensorboard)$")
+
+
+def _flat(value: Any, prefix: str, out: dict) -> None:
+  if isinstance(value, (ConfigDict, dict)):
+    for k in sorted(value.keys()):
+      _flat(value[k], f"{prefix}.{k}" if prefix else k, out)
+  else:
+    out[prefix] = list(value) if isinstance(value, tuple) else value
+
+
+def config_fields(cfg: ConfigDict, workdir: str, stage: str) -> dict[str, Any]:
+  """{dotted key: value} of the config fields stage `stage` (e.g. "round2/mine") depends on."""
+  from recall_jax.stages import artifacts
+  base, round_num = artifacts.parse_stage(stage)
+  if base not in SECTIONS:
+    raise ValueError(f"unknown stage {stage!r}; stages are {ORDER}")
+  upto = ORDER[:ORDER.index(base) + 1]
+  if round_num >= 2:  # round r also follows round 1's calibrate and refine
+    upto = ORDER[:ORDER.index("refine") + 1]
+  flat: dict[str, Any] = {}
+  cfg_dict = cfg.to_dict()
+  for s in upto:
+    for section in SECTIONS[s]:
+      if section in cfg_dict:
+        _flat(cfg_dict[section], section, flat)
+  flat = {k: v for k, v in flat.items() if not _NEUTRAL.search(k)}
+  if "model.checkpoint" in flat:  # "" = prepare's tiny base: the same base, whatever folder names it
+    from recall_jax.stages import prepare
+    flat["model.checkpoint"] = os.path.realpath(prepare.checkpoint_dir(cfg, workdir))
+  if round_num >= 2:
+    flat["round"] = round_num
+  return json.loads(json.dumps(flat, default=str))
+
+
+def digest(fields: dict[str, Any]) -> str:
+  return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def changed_fields(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """'key: old -> new' for every field that differs (added and removed ones included)."""
+  keys = sorted(set(recorded) | set(current))
+  missing = object()
+  return [f"{k}: {recorded.get(k, '(absent)')!r} -> {current.get(k, '(absent)')!r}" for k in keys
+          if recorded.get(k, missing) != current.get(k, missing)]
+
+
+def upstream_stages(stage: str, rounds: int) -> list[str]:
+  """Every stage before `stage` in the pipeline's order (rounds expanded)."""
+  from recall_jax.stages import artifacts
+  order = artifacts.expand_stages(list(ORDER), max(rounds, artifacts.parse_stage(stage)[1], 1))
+  return order[:order.index(stage)] if stage in order else []
