@@ -23,7 +23,7 @@ MAX_INTENTS = 6
 OK = "ok"
 # Every rejection reason, in pipeline order (parsing, then reconstruction, then validation).
 REASONS = ("no_json", "not_an_object", "missing_field", "bad_field_type", "bad_segment", "empty_span",
-           "span_not_found", "too_many_intents", "empty", "too_long", "uncertain", "self_contradiction", "unchanged")
+           "span_not_found", "too_many_intents", "not_utf8", "empty", "too_long", "uncertain", "self_contradiction", "unchanged")
 MODES = ("minimal_json", "staged_cot")
 
 _FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?(.*?)```", re.DOTALL)
@@ -99,8 +99,19 @@ def contradicts_itself(text: str) -> bool:
   return False
 
 
+def _is_utf8(text: str) -> bool:
+  """False for text no UTF-8 file or tokenizer can hold, e.g. a lone surrogate a generation escaped into JSON."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
+
+
 def validate_text(text: str, original: Optional[str] = None) -> str:
   """"ok" or the first validator that rejects the (cleaned) text."""
+  if not _is_utf8(text):
+    return "not_utf8"
   if not text:
     return "empty"
   if len(text) > MAX_CHARS:
@@ -153,7 +164,7 @@ def parse_minimal_json(raw: Any, original: str) -> ParseResult:
   reason = validate_text(text, original)
   if reason != OK:
     return _reject(reason, model_text)
-  statements = tuple(clean_text(s["new"]) for s in obj["segments"] if clean_text(s["new"]))
+  statements = tuple(clean_text(s["new"]) for s in obj["segments"] if clean_text(s["new"]) and _is_utf8(s["new"]))
   return ParseResult(text=text, reason=OK, statements=statements, model_text=model_text)
 
 
@@ -179,7 +190,7 @@ def parse_staged_cot(raw: Any, original: str) -> ParseResult:
     if intent.get("edit") == "delete":
       continue
     span = intent.get("new_span") if isinstance(intent.get("new_span"), str) else intent.get("span")
-    if isinstance(span, str) and clean_text(span):
+    if isinstance(span, str) and clean_text(span) and _is_utf8(span):
       statements.append(clean_text(span))
   return ParseResult(text=text, reason=OK, statements=tuple(statements))
 

@@ -155,3 +155,13 @@ def test_never_raises_on_random_and_mangled_outputs():
 def test_unknown_mode():
   with pytest.raises(ValueError, match="calibrate.prompt_mode"):
     parse.parse_rewrite("{}", ORIGINAL, "free_text")
+
+
+def test_a_lone_surrogate_is_rejected_not_passed_on():
+  # json.loads turns an escaped lone surrogate into a str that no UTF-8 file or tokenizer can hold.
+  raw = '{"new_text": "is red \\ud83d", "intents": [{"span": "x", "edit": "keep", "new_span": "red \\ud83d"}]}'
+  assert parse.parse_rewrite(raw, "is blue", "staged_cot").reason == "not_utf8"
+  raw = '{"segments": [{"original": "blue", "new": "red \\udc00"}]}'
+  assert parse.parse_rewrite(raw, "is blue", "minimal_json").reason == "not_utf8"
+  ok = parse.parse_rewrite('{"new_text": "is red \\ud83d\\ude00"}', "is blue", "staged_cot")  # a valid pair
+  assert ok.reason == "ok" and ok.text.encode("utf-8")
