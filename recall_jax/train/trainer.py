@@ -183,6 +183,9 @@ def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: Config
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(_abstract(state), data_iterator=iterator)
     start = int(meta["step"])
+    if start > t.steps:
+      raise ValueError(f"{os.path.join(out_dir, 'checkpoints')}: the checkpoint is at step {start}, past train.steps "
+                       f"= {t.steps}; use another out_dir (or keep the steps) instead of a run made for more steps")
     log.info("[train] resumed from step %d (%s)", start, ckpt.latest_step())
 
   train_step = objective.make_step(graphdef, tx)
@@ -209,13 +212,15 @@ def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: Config
       interval = None
       last_metrics = means
       writer.write(step + 1, means, prefix="train/", progress=progress.line(step + 1))
-    if (step + 1) % t.checkpoint_every == 0 or at_end:
-      ckpt.save(step + 1, state, data_iterator=iterator)
+    # Evaluate (and keep the best) before saving the step: a crash during the eval resumes from the checkpoint
+    # before it and evaluates this step again, as an uninterrupted run does (best saves overwrite by step).
     if eval_fn is not None and ((step + 1) % t.eval_every == 0 or at_end):
       scores = _evaluate(model, eval_fn, state["adapters"])
       writer.write(step + 1, scores, prefix="val/")
       if t.best_metric and ckpt.save_best(step + 1, state, scores):  # "": logged only, nothing selected
         log.info("[train] new best %s=%.3f at step %d", t.best_metric, scores[t.best_metric], step + 1)
+    if (step + 1) % t.checkpoint_every == 0 or at_end:
+      ckpt.save(step + 1, state, data_iterator=iterator)
     if stop_after and done_here >= stop_after and not at_end:
       break
   writer.close()

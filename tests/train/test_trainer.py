@@ -133,3 +133,38 @@ def test_gradcache_and_sharding_equal_the_plain_step(fashioniq_train, tmp_path):
   for k in base:
     np.testing.assert_array_equal(np.asarray(base[k]), np.asarray(fresh[k]), err_msg=str(k))
   assert any(np.abs(v).max() > 0 for k, v in _adapters(plain).items() if k.endswith("lora_b"))
+
+
+def test_a_crash_during_an_eval_resumes_before_it_and_evaluates_that_step_again(fashioniq_train, tmp_path):
+  """The step's checkpoint is written after its eval: resuming from the one before redoes the eval, so the best
+  checkpoint equals an uninterrupted run's. A checkpoint past a lowered train.steps is refused."""
+  cfg = _cfg()
+  cfg.train.eval_every = 3
+
+  def evaluator(calls, crash_at=None):
+    def eval_fn(model):
+      calls.append(len(calls) + 1)
+      if crash_at == len(calls):
+        raise RuntimeError("simulated crash during the eval")
+      lora_sum = sum(float(np.asarray(v).sum()) for _, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
+      return {cfg.train.best_metric: -abs(lora_sum - 1.0)}  # deterministic in the adapters: the same best
+    return eval_fn
+
+  def run(out, eval_fn):
+    queries, images = fashioniq_train
+    model = qwen2_5_vl.Qwen25VLModel(qwen2_5_vl.tiny_config(), rngs=nnx.Rngs(0))
+    enc = pipeline.EncodeConfig(image_buckets=ImageBuckets.square(56), query_lengths=(256,), target_lengths=(128,))
+    return trainer.train(cfg, model, build_tiny_tokenizer(), queries, dataset="fashioniq",
+                         load=pipeline.FileImages(images), encode_cfg=enc, out_dir=str(out), eval_fn=eval_fn,
+                         mesh=parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+
+  straight_calls, crashed_calls, resumed_calls = [], [], []
+  straight = run(tmp_path / "straight", evaluator(straight_calls))
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    run(tmp_path / "crashed", evaluator(crashed_calls, crash_at=2))  # the eval at step 6
+  resumed = run(tmp_path / "crashed", evaluator(resumed_calls))
+  assert len(straight_calls) == 2 and len(resumed_calls) == 1  # step 6 evaluated again after the resume
+  assert (resumed.best_step, resumed.best_metrics) == (straight.best_step, straight.best_metrics)
+  cfg.train.steps = 3
+  with pytest.raises(ValueError, match="checkpoint is at step 6, past train.steps = 3"):
+    run(tmp_path / "crashed", evaluator([]))
