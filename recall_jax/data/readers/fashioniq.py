@@ -1,7 +1,8 @@
 """FashionIQ reader: captions/cap.<cat>.<split>.json + image_splits/split.<cat>.<split>.json -> a CIRSplit per category.
 
-Gallery = the split file's ids, in file order. qid = "<category>/<record index>". Train/val records need "candidate",
-"target" and two "captions"; test records need no "target" (one is used when present).
+Gallery = the split file's ids, in file order; every candidate and target must be one of them. qid =
+"<category>/<record index>". Train/val records need "candidate", "target" and two "captions"; test records need no
+"target" (one is used when present).
 """
 
 from __future__ import annotations
@@ -67,9 +68,10 @@ def _read_category(root: pathlib.Path, split: str, cat: str, image_ext: str, on_
       else:
         targets = ()
       for role, name in [("candidate", reference)] + [("target", t) for t in targets]:
-        path = image_root / f"{name}{image_ext}"
-        checker.require(path, f"{role} {name!r}")
-        images.setdefault(name, str(path))
+        if name not in images:  # a target outside the gallery could never be retrieved
+          problem = checker.problem(image_root / f"{name}{image_ext}") if name not in ids else None
+          raise common.BadRecord(f"{role} {name!r} is not a usable image of the split's gallery {split_path.name}"
+                                 + (f" ({problem})" if problem else ""))
       queries.append(Query(qid=f"{cat}/{i}", reference=reference, captions=captions, targets=targets,
                            category=cat, source=f"{cap_path}#{i}"))
     except common.BadRecord as e:

@@ -119,6 +119,19 @@ def test_fashioniq_missing_image_strict_and_skip(copy, caplog):
   assert "skipped" in caplog.text and str(len(s.skipped)) in caplog.text
 
 
+def test_fashioniq_target_outside_its_split_gallery_is_named(copy):
+  root = copy("fashioniq")
+  split = root / "image_splits" / "split.dress.val.json"
+  q = read_fashioniq(root, "val", categories=("dress",))[0].queries[2]
+  _edit_json(split, lambda ids: ids.remove(q.target))  # the image file stays: only the gallery lacks it
+  with pytest.raises(DataError, match=rf"cap\.dress\.val\.json: record 2 .*target '{q.target}' is not a usable "
+                                      r"image of the split's gallery split\.dress\.val\.json"):
+    read_fashioniq(root, "val", categories=("dress",))
+  (s,) = read_fashioniq(root, "val", categories=("dress",), on_error="skip")
+  assert q.qid not in [x.qid for x in s.queries] and q.target not in s.images
+  assert any(src.endswith("cap.dress.val.json#2") and "gallery" in why for src, why in s.skipped)
+
+
 def test_fashioniq_unreadable_image(copy):
   root = copy("fashioniq")
   q = read_fashioniq(root, "val", categories=("shirt",))[0].queries[0]
