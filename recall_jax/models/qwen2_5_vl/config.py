@@ -113,6 +113,11 @@ class Qwen25VLConfig:
     v = d.get("vision_config")
     if v is None:
       raise ValueError(f"{source}: missing key 'vision_config'")
+    for key in ("depth", "intermediate_size", "num_heads"):
+      if key not in v:
+        raise ValueError(f"{source}: missing vision_config key {key!r}")
+    if "hidden_size" not in v and "embed_dim" not in v:
+      raise ValueError(f"{source}: missing vision_config key 'hidden_size' (or 'embed_dim')")
     vrope = v.get("rope_parameters") or {}
     vision_cfg = VisionConfig(
         depth=v["depth"],

@@ -24,8 +24,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import DTypeLike
@@ -37,12 +38,6 @@ from recall_jax.models.qwen2_5_vl.model import Qwen25VLModel
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
-_ST_DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
 
 # HF key prefix -> module-path prefix; first match wins (transformers-5 names before the hub's bare "model.").
 _PREFIXES = (
@@ -61,57 +56,45 @@ Shardings = Callable[[str], PartitionSpec] | Sequence[tuple[str, Sequence[str | 
 # safetensors files, read one tensor at a time
 
 
+_LFS_POINTER = b"version https://git-lfs"
+
+
 class SafetensorsFile:
-  """Header of one .safetensors file; `read(key)` returns that tensor alone as a numpy array (bf16 via ml_dtypes)."""
+  """One .safetensors file through the `safetensors` library (numpy, bf16 via ml_dtypes), which validates the header
+  against the file (offsets, shapes, size) when it opens it; `read(key)` returns that tensor alone."""
 
   def __init__(self, path: str):
     self.path = path
     try:
       with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    except (OSError, ValueError) as e:
-      raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    self._data_start = 8 + size
-    header.pop("__metadata__", None)
-    self.entries = header
+        head = f.read(len(_LFS_POINTER))
+    except OSError as e:
+      raise ValueError(f"{path}: cannot read ({e})") from e
+    if head == _LFS_POINTER:
+      raise ValueError(f"{path}: a git-lfs pointer, not the weights (fetch them with `git lfs pull`)")
+    try:
+      self._file = safetensors.safe_open(path, framework="np")
+      self.entries = list(self._file.keys())
+    except Exception as e:  # SafetensorError and OSError: a truncated file, a header at odds with its shapes, ...
+      raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
 
   def keys(self) -> list[str]:
-    """Keys in file order, so reading them in turn walks the file once."""
-    return sorted(self.entries, key=lambda k: self.entries[k]["data_offsets"][0])
+    return list(self.entries)
 
   def read(self, key: str) -> np.ndarray:
-    entry = self.entries[key]
-    dtype = _ST_DTYPES.get(entry["dtype"])
-    if dtype is None:
-      raise ValueError(f"{self.path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
-    start, end = entry["data_offsets"]
-    with open(self.path, "rb") as f:
-      f.seek(self._data_start + start)
-      buf = f.read(end - start)
-    return np.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+    try:
+      return self._file.get_tensor(key)
+    except Exception as e:
+      raise ValueError(f"{self.path}: tensor {key!r} cannot be read ({type(e).__name__}: {e})") from e
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
   """Writes a .safetensors file (metadata format "pt", so transformers accepts it)."""
-  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-  offset = 0
-  arrays = {}
-  for key, value in tensors.items():
-    arr = np.ascontiguousarray(value)
-    if arr.dtype not in _ST_NAMES:
-      raise ValueError(f"{path}: cannot write tensor {key!r} of dtype {arr.dtype}")
-    header[key] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                   "data_offsets": [offset, offset + arr.nbytes]}
-    offset += arr.nbytes
-    arrays[key] = arr
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-  with open(path, "wb") as f:
-    f.write(len(blob).to_bytes(8, "little"))
-    f.write(blob)
-    for arr in arrays.values():
-      f.write(arr.tobytes())
+  try:
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path,
+                                metadata={"format": "pt"})
+  except Exception as e:  # e.g. a dtype safetensors has no name for
+    raise ValueError(f"{path}: cannot write the tensors ({type(e).__name__}: {e})") from e
 
 
 def checkpoint_files(checkpoint_dir: str) -> dict[str, str]:

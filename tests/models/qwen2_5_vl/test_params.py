@@ -143,6 +143,43 @@ def test_errors_name_the_file_and_key(untied, tmp_path):
     from_pretrained(directory, shardings=[(".*", ())])
 
 
+def test_damaged_checkpoints_name_the_file_and_the_field(untied, tmp_path):
+  _, directory, _, _ = untied
+  data = open(os.path.join(directory, "model.safetensors"), "rb").read()
+
+  def damaged(name, blob):
+    d = tmp_path / name
+    d.mkdir()
+    shutil.copy(os.path.join(directory, "config.json"), d)
+    (d / "model.safetensors").write_bytes(blob)
+    return str(d)
+
+  truncated = damaged("truncated", data[:len(data) // 2])
+  with pytest.raises(ValueError, match=rf"{truncated}/model.safetensors: not a readable safetensors file"):
+    from_pretrained(truncated)
+  lfs = damaged("lfs", b"version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 99999999\n")
+  with pytest.raises(ValueError, match=rf"{lfs}/model.safetensors: a git-lfs pointer, not the weights"):
+    from_pretrained(lfs)
+  size = int.from_bytes(data[:8], "little")
+  header = json.loads(data[8:8 + size])
+  key = next(k for k in header if k != "__metadata__")
+  start, end = header[key]["data_offsets"]
+  header[key]["data_offsets"] = [start, end - 4]  # offsets at odds with the shape
+  blob = json.dumps(header).encode()
+  blob += b" " * (-len(blob) % 8)
+  offsets = damaged("offsets", len(blob).to_bytes(8, "little") + blob + data[8 + size:])
+  with pytest.raises(ValueError, match=rf"{offsets}/model.safetensors: not a readable safetensors file"):
+    from_pretrained(offsets)
+
+  config = json.load(open(os.path.join(directory, "config.json")))
+  del config["vision_config"]["depth"]
+  no_depth = damaged("no_depth", data)
+  with open(os.path.join(no_depth, "config.json"), "w") as f:
+    json.dump(config, f)
+  with pytest.raises(ValueError, match=rf"{no_depth}/config.json: missing vision_config key 'depth'"):
+    from_pretrained(no_depth)
+
+
 def test_loading_onto_a_mesh_gives_the_sharding_and_the_same_outputs(untied):
   cfg, directory, _, model = untied
   mesh = parallel.make_mesh((2, 4, 1))
@@ -188,6 +225,6 @@ def test_save_pretrained_keeps_bf16(untied, tmp_path):
   model = from_pretrained(directory, dtype=jnp.bfloat16)
   save_pretrained(model, str(tmp_path))
   st = SafetensorsFile(str(tmp_path / "model.safetensors"))
-  assert {st.entries[k]["dtype"] for k in st.keys()} == {"BF16"}
-  assert st.entries["visual.patch_embed.proj.weight"]["shape"] == [32, 3, 2, 14, 14]
+  assert {st.read(k).dtype for k in st.keys()} == {np.dtype(ml_dtypes.bfloat16)}
+  assert st.read("visual.patch_embed.proj.weight").shape == (32, 3, 2, 14, 14)
   assert_same_params(from_pretrained(str(tmp_path), dtype=jnp.bfloat16), model)
