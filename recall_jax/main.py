@@ -52,7 +52,8 @@ def _stage_call(fns: dict, cfg, workdir: str, name: str):
   return lambda d: fns[stage](cfg, workdir, d)
 
 
-def _provenance(cfg, workdir: str, stage: str) -> dict:
+def provenance(cfg, workdir: str, stage: str) -> dict:
+  """What `stage` is made from under `cfg` now (artifacts.provenance): for run_stage's `current`."""
   return artifacts.provenance(workdir, stage, fingerprint.config_fields(cfg, workdir, stage),
                               fingerprint.upstream_stages(stage, cfg.rounds))
 
@@ -69,7 +70,7 @@ def run(cfg, workdir: str, stages: list[str], on_change: str = "refuse") -> dict
   stages = artifacts.expand_stages(list(stages), cfg.rounds)
   calls = {name: _stage_call(fns, cfg, workdir, name) for name in stages}  # every name checked before any runs
   if on_change == "refuse":  # every stale stage named before any work starts
-    stale = {s: r for s in stages if (r := artifacts.check_stage(workdir, s, _provenance(cfg, workdir, s)))}
+    stale = {s: r for s in stages if (r := artifacts.check_stage(workdir, s, provenance(cfg, workdir, s)))}
     if stale:
       first = next(iter(stale))
       raise artifacts.StaleStageError(first, artifacts.stage_dir(workdir, first),
@@ -84,7 +85,7 @@ def run(cfg, workdir: str, stages: list[str], on_change: str = "refuse") -> dict
   for stage in stages:
     # Provenance is taken when the stage starts: upstream stages rerun just before count with their new run ids.
     out[stage] = artifacts.run_stage(workdir, stage, calls[stage], log=log.info,
-                                     current=_provenance(cfg, workdir, stage), on_change=on_change)
+                                     current=provenance(cfg, workdir, stage), on_change=on_change)
   return out
 
 

@@ -71,14 +71,16 @@ def looped(tmp_path_factory):
   main.run(cfg, workdir, ["prepare", "adapt"])
   tokenizer = common.load_base_model(cfg, workdir)[1]
   samplers = {}
+
+  def stage(name, fn):  # as main.run does it, with the fingerprint, so that main.run resumes these stages
+    artifacts.run_stage(workdir, name, fn, current=main.provenance(cfg, workdir, name))
+
   for r in (1, 2):
-    artifacts.run_stage(workdir, artifacts.round_stage("mine", r),
-                        lambda d, r=r: mine.run(cfg, workdir, d, round_num=r))
+    stage(artifacts.round_stage("mine", r), lambda d, r=r: mine.run(cfg, workdir, d, round_num=r))
     samplers[r] = StandInSampler(tokenizer)
-    artifacts.run_stage(workdir, artifacts.round_stage("calibrate", r),
-                        lambda d, r=r: calibrate.run(cfg, workdir, d, sampler=samplers[r], round_num=r))
-    artifacts.run_stage(workdir, artifacts.round_stage("refine", r),
-                        lambda d, r=r: refine.run(cfg, workdir, d, round_num=r))
+    stage(artifacts.round_stage("calibrate", r),
+          lambda d, r=r: calibrate.run(cfg, workdir, d, sampler=samplers[r], round_num=r))
+    stage(artifacts.round_stage("refine", r), lambda d, r=r: refine.run(cfg, workdir, d, round_num=r))
   main.run(cfg, workdir, ["evaluate", "report"])
   return cfg, workdir, samplers
 
