@@ -203,6 +203,35 @@ def apply_filter(sample: dict, ccfg: ConfigDict) -> dict:
   return {**sample, "vqa_pass": bool(passed), "kept": bool(kept)}
 
 
+VERIFY_ERROR = "verify_error"  # the rewrite parsed, but verifying it raised (recorded in the sample's "error")
+
+
+def _verify(calibrator: Calibrator, batch: list[dict], parsed: list, ok: list[int]):
+  """(verified indices, calibrator.verify's outputs for them, {index: error}). When the batch raises, its samples
+  are verified one at a time and a sample that still raises is rejected with its error: no single sample stops
+  the stage (it would fail again on every resume)."""
+  def verify(ks):
+    return calibrator.verify([(batch[k]["reference"], batch[k]["instance"], parsed[k].text) for k in ks],
+                             [parsed[k].statements for k in ks])
+  try:
+    return ok, verify(ok), {}
+  except Exception as e:  # noqa: BLE001 -- any failure of one sample; retried alone below
+    if len(ok) <= 1:
+      return [], verify([]), {k: f"{type(e).__name__}: {e}" for k in ok}
+  good, parts, errors = [], [], {}
+  for k in ok:
+    try:
+      parts.append(verify([k]))
+      good.append(k)
+    except Exception as e:  # noqa: BLE001
+      errors[k] = f"{type(e).__name__}: {e}"
+  if not parts:
+    return [], verify([]), errors
+  final = np.concatenate([p[0] for p in parts])
+  holistic = np.concatenate([np.asarray(p[1]) for p in parts])
+  return good, (final, holistic, [x for p in parts for x in p[2]], [x for p in parts for x in p[3]]), errors
+
+
 def calibrate_batch(calibrator: Calibrator, batch: list[dict], rng: Optional[jax.Array],
                     oracle: Optional[Oracle]) -> list[dict]:
   """The finished sample records of one batch of mined records; `oracle` (or None) judges the rewrites."""
@@ -210,8 +239,9 @@ def calibrate_batch(calibrator: Calibrator, batch: list[dict], rng: Optional[jax
   raws, new_tokens = calibrator.rewrite([(r["reference"], r["instance"], r["text"]) for r in batch], rng)
   parsed = [_parse(calibrator, raw, r["text"]) for raw, r in zip(raws, batch)]
   ok = [k for k, p in enumerate(parsed) if p.text is not None]
-  final, holistic, per_statement, notes = calibrator.verify(
-      [(batch[k]["reference"], batch[k]["instance"], parsed[k].text) for k in ok], [parsed[k].statements for k in ok])
+  ok, (final, holistic, per_statement, notes), errors = _verify(calibrator, batch, parsed, ok)
+  for k, reason in errors.items():
+    parsed[k] = parse.ParseResult(text=None, reason=VERIFY_ERROR, model_text=parsed[k].model_text)
   verified = {k: j for j, k in enumerate(ok)}
   out = []
   for k, (r, raw, p) in enumerate(zip(batch, raws, parsed)):
@@ -232,7 +262,7 @@ def calibrate_batch(calibrator: Calibrator, batch: list[dict], rng: Optional[jax
         "verify_reasoning": ccfg.verify_reasoning,
         **(notes[j] if j is not None else {"verify_text": None, "verify_statement_texts": None,
                                            "verify_no_marker": None}),
-        "oracle_correct": None, "oracle_unparseable": None,
+        "oracle_correct": None, "oracle_unparseable": None, "error": errors.get(k),
     }
     if oracle is not None and p.text is not None:
       rec["oracle_correct"], rec["oracle_unparseable"] = _judge(oracle, r["reference"], p.text, r["instance"])

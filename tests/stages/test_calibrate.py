@@ -302,3 +302,34 @@ def test_statistics_precision_of_kept_and_of_dropped():
   assert stats["oracle"]["precision_of_kept"] == pytest.approx(1 / 2)
   assert stats["oracle"]["precision_of_dropped"] == pytest.approx(1 / 3)  # the VQA filter's false rejections
   assert calibrate.statistics(samples[:2], 2)["oracle"]["precision_of_dropped"] is None
+
+
+class _OneBadSample:
+  """A calibrator whose rewrites all parse and whose verification raises on any batch holding the text 'is bad'."""
+
+  def __init__(self, ccfg, texts):
+    self.ccfg, self.texts, self.oracle_rewriter, self.parse_mode = ccfg, texts, None, ccfg.prompt_mode
+
+  def rewrite(self, items, rng):
+    return [json.dumps({"new_text": t}) for t in self.texts[:len(items)]], [3] * len(items)
+
+  def verify(self, items, statements):
+    if any(text == "is bad" for _, _, text in items):
+      raise UnicodeEncodeError("utf-8", "x", 0, 1, "a sample the tokenizer cannot take")
+    n = len(items)
+    return (np.full((n,), 0.97), np.full((n,), 0.97), [[] for _ in items],
+            [{"verify_text": None, "verify_statement_texts": [], "verify_no_marker": False} for _ in items])
+
+
+def test_a_sample_whose_verification_fails_is_rejected_and_the_batch_goes_on():
+  cfg = _config()
+  cfg.calibrate.prompt_mode = "staged_cot"
+  record = {"id": "q#i", "qid": "q", "dataset": "cirr", "split": "train", "category": None, "reference": "r",
+            "instance": "i", "group": "g", "text": "is blue", "captions": ["is blue"], "targets": ["t"],
+            "instance_rank": 1, "gt_rank": 3, "instance_similarity": 0.5, "gt_similarity": 0.4}
+  batch = [dict(record, id=f"q#{k}") for k in range(3)]
+  out = calibrate.calibrate_batch(_OneBadSample(cfg.calibrate, ["is red", "is bad", "is green"]), batch, None, None)
+  assert [s["parse_status"] for s in out] == ["ok", calibrate.VERIFY_ERROR, "ok"]
+  assert [s["kept"] for s in out] == [True, False, True]
+  assert out[1]["error"].startswith("UnicodeEncodeError") and out[0]["error"] is None
+  assert calibrate.statistics(out, 3)["rejected_by_reason"] == {calibrate.VERIFY_ERROR: 1}
