@@ -46,7 +46,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from recall_jax import viz
+from recall_jax import faults, viz
 from recall_jax.data import pipeline, prompts, sft
 from recall_jax.data.image import load_image
 from recall_jax.data.synthetic import TextParseError
@@ -401,6 +401,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
       rng = None if calibrator.sampling.greedy else jax.random.fold_in(base_key, position[batch[0]["id"]])
       for rec in calibrate_batch(calibrator, batch, rng, oracle):
         f.write(json.dumps(rec, sort_keys=True) + "\n")
+        faults.point("calibrate.write")
       f.flush()
       os.fsync(f.fileno())
       log.info("[calibrate] %s", progress.line(start + len(batch)))

@@ -12,6 +12,8 @@ from typing import Any
 import grain
 import orbax.checkpoint as ocp
 
+from recall_jax import faults
+
 
 class Checkpoints:
   """`latest/` keeps the newest `keep` steps (for resuming); `best/` keeps the single best by `best_metric`."""
@@ -38,6 +40,7 @@ class Checkpoints:
     return ocp.args.Composite(**items)
 
   def save(self, step: int, state: Any, *, data_iterator: Any = None, meta: dict | None = None) -> None:
+    faults.kill_when_appears("checkpoint.write", str(self._latest.directory))
     self._latest.save(step, args=self._args(state, data_iterator, dict(meta or {}, step=step)), force=True)
     self._latest.wait_until_finished()
 

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import ConfigDict
 
-from recall_jax import parallel
+from recall_jax import faults, parallel
 from recall_jax.data import pipeline
 from recall_jax.data.records import Query
 from recall_jax.models import lora
@@ -202,6 +202,7 @@ def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: Config
         parallel.batch_sharding(mesh, x.ndim), x), arrays)
     # settle: a no-op but on multi-device CPU, where queued collective programs can deadlock.
     state, metrics = parallel.settle(train_step(state, frozen, arrays, geometry))
+    faults.point("train.step")
     step_metrics = _collection(tuple(metrics)).single_from_model_output(**metrics)
     interval = step_metrics if interval is None else interval.merge(step_metrics)
     done_here += 1
