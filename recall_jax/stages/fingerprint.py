@@ -61,9 +61,23 @@ def config_fields(cfg: ConfigDict, workdir: str, stage: str) -> dict[str, Any]:
   if "model.checkpoint" in flat:  # "" = prepare's tiny base: the same base, whatever folder names it
     from recall_jax.stages import prepare
     flat["model.checkpoint"] = os.path.realpath(prepare.checkpoint_dir(cfg, workdir))
+  if "calibrate.prompt_dir" in flat:  # the templates' text, not only their folder: an edited file is a change
+    flat["calibrate.templates_sha256"] = _templates_digest(flat["calibrate.prompt_dir"])
   if round_num >= 2:
     flat["round"] = round_num
   return json.loads(json.dumps(flat, default=str))
+
+
+def _templates_digest(prompt_dir: str) -> str:
+  from recall_jax.generate import prompt_files
+  folder = prompt_dir or prompt_files.PACKAGED_DIR
+  h = hashlib.sha256()
+  for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+    if name.endswith(".txt"):
+      h.update(name.encode() + b"\0")
+      with open(os.path.join(folder, name), "rb") as f:
+        h.update(f.read() + b"\0")
+  return h.hexdigest()[:16]
 
 
 def digest(fields: dict[str, Any]) -> str:

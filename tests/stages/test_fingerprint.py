@@ -2,6 +2,7 @@
 partial artifacts of another config, refuse / rerun, the config history, and manifests that name their file."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 
 from configs import tiny
 from recall_jax import main
+from recall_jax.generate import prompt_files
 from recall_jax.stages import artifacts, fingerprint
 
 
@@ -25,7 +27,7 @@ def _digests(cfg, workdir="/w"):
           for s in artifacts.expand_stages(list(fingerprint.ORDER), 2)}
 
 
-def test_a_field_changes_its_stage_and_every_later_one_and_neutral_fields_change_none():
+def test_a_field_changes_its_stage_and_every_later_one_and_neutral_fields_change_none(tmp_path):
   base = _digests(_config())
   order = list(base)
 
@@ -46,6 +48,14 @@ def test_a_field_changes_its_stage_and_every_later_one_and_neutral_fields_change
   assert changed("rounds", 2) == ["evaluate", "report"]
   assert changed("train.log_every", 3) == [] and changed("mine.sheet_queries", 1) == []
   assert changed("mesh.shape", (2, 4, 1)) == []  # sharded == unsharded
+  prompts = tmp_path / "prompts"
+  shutil.copytree(prompt_files.PACKAGED_DIR, prompts)
+  cfg = _config()
+  cfg.calibrate.prompt_dir = str(prompts)
+  before = _digests(cfg)
+  (prompts / "verify.txt").write_text((prompts / "verify.txt").read_text() + " Be strict.")
+  after = _digests(cfg)
+  assert [s for s in order if after[s] != before[s]] == order[order.index("calibrate"):]  # an edited template
   fields = fingerprint.config_fields(_config(), "/w", "prepare")
   assert fields["model.checkpoint"] == os.path.realpath("/w/prepare/checkpoint")  # "" names prepare's tiny base
 
