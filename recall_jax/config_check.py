@@ -146,6 +146,8 @@ def problems(cfg: ConfigDict, stages: Sequence[str]) -> list[str]:
       continue
     if not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
       out.append(f"config {key} = {value!r}: must be a non-empty list of positive token lengths (buckets)")
+  if not any("data." in p and "lengths" in p for p in out):
+    out += _bucket_problems(cfg)
   if cfg.model.checkpoint is None:
     out.append("config model.checkpoint is required: a Hugging Face Qwen2.5-VL checkpoint directory, or \"\" for "
                "the tiny random checkpoint the prepare stage writes")
@@ -156,6 +158,24 @@ def problems(cfg: ConfigDict, stages: Sequence[str]) -> list[str]:
   if "mine" in base and _get(cfg, "mine.strategy") == "random" and cfg.mine.random_pool < cfg.mine.max_per_query:
     out.append(f"config mine.random_pool = {cfg.mine.random_pool} must be >= mine.max_per_query = "
                f"{cfg.mine.max_per_query}")
+  return out
+
+
+def _bucket_problems(cfg: ConfigDict) -> list[str]:
+  """The image buckets must be valid, and each query / target token bucket must hold the largest image's merged
+  tokens (one image per query and per target) with room for the text around it."""
+  from recall_jax.data.image import ImageBuckets
+  try:
+    buckets = ImageBuckets.from_config(cfg.data.image_buckets)
+  except ValueError as e:
+    return [f"config data.image_buckets = {cfg.data.image_buckets!r}: {e}"]
+  tokens = max((h // buckets.factor) * (w // buckets.factor) for h, w in buckets.sizes)
+  out = []
+  for key in ("data.query_lengths", "data.target_lengths"):
+    value = tuple(_get(cfg, key))
+    if min(value) <= tokens:
+      out.append(f"config {key} = {value!r}: every bucket must exceed the {tokens} merged tokens of the largest "
+                 f"image bucket (data.image_buckets = {cfg.data.image_buckets!r}) plus the prompt's text")
   return out
 
 

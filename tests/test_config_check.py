@@ -39,6 +39,8 @@ def test_the_shipped_configs_are_valid():
     ("optim.lr", float("nan"), r"optim.lr = nan: expected a finite number"),
     ("train.chunk_size", 3, r"global_batch_size = 32 must be a multiple of train.chunk_size = 3"),
     ("data.query_lengths", (), r"data.query_lengths = \(\): must be a non-empty list"),
+    ("data.target_lengths", (16,), r"data.target_lengths = \(16,\): every bucket must exceed the 16 merged tokens"),
+    ("data.image_buckets", 100, r"data.image_buckets = 100: image bucket \(100, 100\) is not a multiple of 28"),
 ])
 def test_a_bad_value_is_named_before_prepare_starts(tmp_path, key, value, message):
   cfg = _set(demo.get_config(), key, value)
