@@ -36,6 +36,7 @@ def _enums() -> dict[str, Sequence[Any]]:
   from recall_jax.data import sft
   from recall_jax.data.readers import common as readers
   from recall_jax.generate import decide, parse
+  from recall_jax.models import lora
   from recall_jax.stages import calibrate, common, mine, prepare, refine
   return {
       "data.dataset": ("fashioniq", "cirr", "circo"),
@@ -44,8 +45,8 @@ def _enums() -> dict[str, Sequence[Any]]:
       "model.dtype": tuple(sorted(common.DTYPES)),
       "model.position_mode": ("mrope", "sequential"),
       "model.tiny_tokenizer": prepare.TOKENIZERS,
-      "lora.init": ("gaussian", "kaiming"),
-      "teach.lora.init": ("gaussian", "kaiming"),
+      "lora.init": lora.INITS,
+      "teach.lora.init": lora.INITS,
       "teach.reasoning": sft.REASONING,
       "mine.strategy": mine.STRATEGIES,
       "calibrate.prompt_mode": parse.MODES,

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ import safetensors.flax
 from flax import nnx
 
 LoRAInit = Literal["gaussian", "kaiming"]
+INITS: tuple[str, ...] = get_args(LoRAInit)
 
 # The effective ReCALL target set: LLM q/k/v/o and down projections + the vision MLP down projection.
 DEFAULT_TARGET_REGEX = (
@@ -48,8 +49,8 @@ class LoRALinear(nnx.Module):
                init: LoRAInit = "kaiming", adapter_dtype=jnp.float32, rngs: nnx.Rngs):
     if rank <= 0:
       raise ValueError(f"LoRA rank must be positive, got {rank}")
-    if init not in ("gaussian", "kaiming"):
-      raise ValueError(f"LoRA init must be 'gaussian' or 'kaiming', got {init!r}")
+    if init not in INITS:
+      raise ValueError(f"LoRA init must be one of {INITS}, got {init!r}")
     self.kernel = base.kernel
     self.bias = base.bias
     self.in_features = base.in_features

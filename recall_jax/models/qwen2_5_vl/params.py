@@ -118,7 +118,7 @@ def checkpoint_files(checkpoint_dir: str) -> dict[str, str]:
 
 
 def _tensors(files: dict[str, str]) -> Iterator[tuple[str, str, np.ndarray]]:
-  """(key, file, array) for every key, file by file in on-disk order."""
+  """(key, file, array) for every key, one file at a time (each file opened once)."""
   by_file: dict[str, set[str]] = {}
   for key, path in files.items():
     by_file.setdefault(path, set()).add(key)
