@@ -69,6 +69,15 @@ def run(cfg, workdir: str, stages: list[str], on_change: str = "refuse") -> dict
   config_check.validate(cfg, list(stages))  # every value checked before any stage runs
   stages = artifacts.expand_stages(list(stages), cfg.rounds)
   calls = {name: _stage_call(fns, cfg, workdir, name) for name in stages}  # every name checked before any runs
+  # A finished input this run does not redo must belong to this config too, or a listed stage would read it.
+  inputs = sorted({u for s in stages for u in fingerprint.upstream_stages(s, cfg.rounds)
+                   if u not in stages and artifacts.is_done(workdir, u)})
+  stale_inputs = {u: r for u in inputs if (r := artifacts.check_stage(workdir, u, provenance(cfg, workdir, u)))}
+  if stale_inputs:
+    first = next(iter(stale_inputs))
+    raise artifacts.StaleStageError(first, artifacts.stage_dir(workdir, first), [
+        f"{u} (an input of this run; add it to --stages to redo it): {r}" for u, rs in stale_inputs.items()
+        for r in rs])
   if on_change == "refuse":  # every stale stage named before any work starts
     stale = {s: r for s in stages if (r := artifacts.check_stage(workdir, s, provenance(cfg, workdir, s)))}
     if stale:
