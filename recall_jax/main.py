@@ -76,8 +76,8 @@ def run(cfg, workdir: str, stages: list[str], on_change: str = "refuse") -> dict
   if stale_inputs:
     first = next(iter(stale_inputs))
     raise artifacts.StaleStageError(first, artifacts.stage_dir(workdir, first), [
-        f"{u} (an input of this run; add it to --stages to redo it): {r}" for u, rs in stale_inputs.items()
-        for r in rs])
+        f"{u} (an input of this run): {r}" for u, rs in stale_inputs.items() for r in rs],
+        advice="Add it to --stages (with --on_change=rerun) to redo it, or use another --workdir.")
   if on_change == "refuse":  # every stale stage named before any work starts
     stale = {s: r for s in stages if (r := artifacts.check_stage(workdir, s, provenance(cfg, workdir, s)))}
     if stale:

@@ -166,12 +166,12 @@ def supersede(workdir: str, stage: str) -> str:
 class StaleStageError(ValueError):
   """A stage's artifacts were made from another config or other inputs, and the run was told to refuse."""
 
-  def __init__(self, stage: str, path: str, reasons: list[str]):
+  def __init__(self, stage: str, path: str, reasons: list[str], advice: str | None = None):
     self.stage, self.reasons = stage, reasons
+    advice = advice or (f"Rerun with --on_change=rerun to redo it and the stages after it (the old folder moves to "
+                        f"{SUPERSEDED}/), or use another --workdir.")
     super().__init__(f"stage {stage!r} ({path}) was made from something else: " + "; ".join(reasons[:12])
-                     + (f"; and {len(reasons) - 12} more" if len(reasons) > 12 else "")
-                     + ". Rerun with --on_change=rerun to redo it and the stages after it (the old folder moves to "
-                     f"{SUPERSEDED}/), or use another --workdir.")
+                     + (f"; and {len(reasons) - 12} more" if len(reasons) > 12 else "") + ". " + advice)
 
 
 def run_stage(workdir: str, stage: str, fn: Callable[[str], dict], *, log: Callable[[str], None] = print,

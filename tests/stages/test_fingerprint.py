@@ -117,7 +117,8 @@ def test_main_refuses_a_changed_world_before_anything_runs_and_reruns_on_request
   second = main.run(changed, wd, ["prepare"], on_change="rerun")["prepare"]
   assert second["run_id"] != first["run_id"] and second["config_fields"]["world.seed"] == 5
   assert len(os.listdir(os.path.join(wd, artifacts.SUPERSEDED))) == 1
-  with pytest.raises(artifacts.StaleStageError, match=r"prepare \(an input of this run; add it to --stages"):
+  with pytest.raises(artifacts.StaleStageError,
+                     match=r"prepare \(an input of this run\): config world.seed: 5 -> 6\. Add it to --stages"):
     main.run(_with(cfg, world__seed=6), wd, ["teach"], on_change="rerun")  # teach would read the old world
   history = artifacts.read_jsonl(os.path.join(wd, "config_history.jsonl"))
   assert [h["config"]["world"]["seed"] for h in history] == [0, 0, 0, 5]
