@@ -19,9 +19,14 @@ from typing import Any
 from ml_collections import ConfigDict
 
 # Config sections per stage (dotted prefixes). A stage depends on its own and on all earlier stages' sections.
+# Dotted names pick one field of another stage's section: the fields a stage reads before that stage runs.
+_TEMPLATES = ("calibrate.prompt_dir", "calibrate.prompt_mode")
 SECTIONS = {
-    "prepare": ("world", "model", "data"),
-    "teach": ("teach",),
+    # The world tokenizer's corpus holds the rewrite / verification prompts and answers (data/synthetic/corpus.py).
+    "prepare": ("world", "model", "data") + _TEMPLATES + ("teach.reasoning",),
+    # Teach trains on Stage 3's prompts. (Its quality figures are measured with calibrate's decoding settings, which
+    # its manifest records; changing those alone does not teach F again.)
+    "teach": ("teach",) + _TEMPLATES,
     "adapt": ("seed", "train", "lora", "loss", "optim", "eval", "sharding"),
     "mine": ("mine",),
     "calibrate": ("calibrate",),
@@ -31,7 +36,7 @@ SECTIONS = {
 }
 ORDER = tuple(SECTIONS)
 _NEUTRAL = re.compile(r"(^|\.)(log_every|probe_every|sheet_\w+|data_threads|data_workers|keep_checkpoints|"
-                      r"checkpoint_every|tensorboard)$")
+                      r"checkpoint_every|tensorboard|cache_dir)$")
 
 
 def _flat(value: Any, prefix: str, out: dict) -> None:
@@ -55,8 +60,14 @@ def config_fields(cfg: ConfigDict, workdir: str, stage: str) -> dict[str, Any]:
   cfg_dict = cfg.to_dict()
   for s in upto:
     for section in SECTIONS[s]:
-      if section in cfg_dict:
-        _flat(cfg_dict[section], section, flat)
+      value, found = cfg_dict, True
+      for part in section.split("."):
+        found = isinstance(value, dict) and part in value
+        if not found:
+          break
+        value = value[part]
+      if found:
+        _flat(value, section, flat)
   flat = {k: v for k, v in flat.items() if not _NEUTRAL.search(k)}
   if "model.checkpoint" in flat:  # "" = prepare's tiny base: the same base, whatever folder names it
     from recall_jax.stages import prepare
@@ -70,7 +81,7 @@ def config_fields(cfg: ConfigDict, workdir: str, stage: str) -> dict[str, Any]:
 
 def _templates_digest(prompt_dir: str) -> str:
   from recall_jax.generate import prompt_files
-  folder = prompt_dir or prompt_files.PACKAGED_DIR
+  folder = prompt_files.resolve_dir(prompt_dir)
   h = hashlib.sha256()
   for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
     if name.endswith(".txt"):

@@ -55,7 +55,8 @@ def test_a_field_changes_its_stage_and_every_later_one_and_neutral_fields_change
   before = _digests(cfg)
   (prompts / "verify.txt").write_text((prompts / "verify.txt").read_text() + " Be strict.")
   after = _digests(cfg)
-  assert [s for s in order if after[s] != before[s]] == order[order.index("calibrate"):]  # an edited template
+  assert [s for s in order if after[s] != before[s]] == order  # an edited template: the world BPE and F read it
+  assert changed("calibrate.prompt_mode", "staged_cot") == order
   fields = fingerprint.config_fields(_config(), "/w", "prepare")
   assert fields["model.checkpoint"] == os.path.realpath("/w/prepare/checkpoint")  # "" names prepare's tiny base
 
