@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.calibrate.batch_size = 8
   c.calibrate.max_records = 64
   c.calibrate.prompt_mode = "minimal_json"
+  c.calibrate.prompt_dir = ""  # the packaged, paper-style prompts (the demo's compact set is for its world BPE)
   c.calibrate.prompt_lengths = (1024, 2048)
   c.calibrate.max_new_tokens = 192
   c.calibrate.verify_reasoning = "direct"

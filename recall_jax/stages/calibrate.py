@@ -417,7 +417,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
   log.info("[calibrate] %s", json.dumps({k: v for k, v in stats.items() if k != "oracle"}))
   return {
       "round": round_num, "mined_from": mined_stage,
-      "prompt_mode": ccfg.prompt_mode, "prompt_dir": ccfg.prompt_dir or prompt_files.PACKAGED_DIR,
+      "prompt_mode": ccfg.prompt_mode, "prompt_dir": prompt_files.resolve_dir(ccfg.prompt_dir),
       "rewriter": ccfg.rewriter, "vqa_filter": bool(ccfg.vqa_filter),
       "max_records": ccfg.max_records, "vqa_threshold": ccfg.vqa_threshold, "answer_words": list(ccfg.answer_words),
       "answer_token_ids": calibrator.answer_ids, "decomposed_verification": bool(ccfg.decomposed_verification),

@@ -59,7 +59,7 @@ def run(cfg: ConfigDict, workdir: str, splits: Sequence[CIRSplit], out: str, *,
       raise ValueError(f"foundation verification of {tag}: non-finite P(yes) from {checkpoint}")
     path = write_json_atomic(os.path.join(out, f"verify_{tag}.json"), {
         "checkpoint": checkpoint, "threshold": cfg.calibrate.vqa_threshold,
-        "prompt_dir": cfg.calibrate.prompt_dir or prompt_files.PACKAGED_DIR,
+        "prompt_dir": prompt_files.resolve_dir(cfg.calibrate.prompt_dir),
         "p_yes": {q.qid: float(p) for q, p in zip(split.queries, p_yes)}})
     verified = int((p_yes >= cfg.calibrate.vqa_threshold).sum())
     summary["splits"][tag] = {"queries": len(split.queries), "verified": verified, "path": path}

@@ -290,6 +290,15 @@ def test_prompt_templates_from_another_directory(tmp_path):
     prompt_files.load_template("verify", str(tmp_path))
 
 
+def test_packaged_prompt_sets_by_name():
+  assert prompt_files.resolve_dir("") == prompt_files.PACKAGED_DIR
+  assert prompt_files.resolve_dir("compact") == os.path.join(prompt_files.PACKAGED_DIR, "compact")
+  assert prompt_files.resolve_dir("/my/prompts") == "/my/prompts"
+  names = [*prompt_files.REWRITE_TEMPLATES.values(), prompt_files.VERIFY_TEMPLATE, prompt_files.VERIFY_INTENT_TEMPLATE]
+  for name in names:  # the compact set is complete, and shorter than the paper-style one
+    assert len(prompt_files.load_template(name, "compact")) < len(prompt_files.load_template(name))
+
+
 def test_statistics_precision_of_kept_and_of_dropped():
   def sample(kept, correct, status="ok"):
     return {"parse_status": status, "text": "t" if status == "ok" else None, "kept": kept, "vqa_pass": kept,
