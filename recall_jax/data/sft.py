@@ -15,11 +15,13 @@ Four tasks, all built from the training split's scene graphs (`Oracle`):
               decomposition (an empty list, which the parser accepts): a text it can write from the two captions
               without copying spans, which a tiny model learns slowly.
   verify   Stage 3's verification prompt over (reference, candidate, text)   -> "yes" / "no" by oracle.judge,
-           balanced: (target, original) yes, (instance, original) no, (instance, rewrite) yes, (target, rewrite) no.
+           balanced: (target, original) yes, (instance, original) no, (instance, rewrite) yes, (target, rewrite) no;
+           in staged_cot mode also (instance, canonical edit) yes, (target, canonical edit) no.
 
 Reasoning (SFTConfig.reasoning): "direct" answers as above. "describe" has the model read the pictures before it
 decides, in text: a yes/no answer becomes "<what the picture shows>. Answer: yes" (the asked attribute's value for a
-question, both pictures' captions for a verification), and a rewrite's JSON starts with a "visual_summary" holding
+question; for a verification both pictures' captions and, after CHANGE_MARKER, the change between them in the
+canonical wording), and a rewrite's JSON starts with a "visual_summary" holding
 both captions. A tiny model learns to read an image into words quickly (captioning is a direct map) but not the
 image-question conjunction of a bare yes/no (it first learns to ignore the image; shared environment notes); once
 the facts are words, the decision is a comparison of words. Stage 3 then decodes the description and reads P(yes)
@@ -59,6 +61,8 @@ IGNORE = -100
 TASKS = ("caption", "vqa", "rewrite", "verify")
 REASONING = ("direct", "describe")
 ANSWER_MARKER = "Answer:"  # "describe" reasoning: the yes/no word follows it
+CHANGE_MARKER = "Change:"  # a describe verification: the canonical change reference -> candidate follows it
+NO_CHANGE = "none"
 CAPTION_INSTRUCTION = "Describe the garment."
 ANSWER_END = prompts.IM_END
 EDIT_VARIANTS = 16  # paraphrases of each oracle edit tried for the most minimal rewrite
@@ -178,6 +182,18 @@ def two_picture_summary(oracle: Oracle, first: str, second: str) -> str:
   return f"Picture 1: {oracle.describe(first)}. Picture 2: {oracle.describe(second)}"
 
 
+def change_text(oracle: Oracle, first: str, second: str) -> str:
+  """The change first -> second in the canonical wording (`canonical_edit`); "none" for the same garment."""
+  a, b = oracle.garment(first), oracle.garment(second)
+  return canonical_edit(a, b) if a.diff(b) else NO_CHANGE
+
+
+def verify_summary(oracle: Oracle, reference: str, candidate: str) -> str:
+  """A describe-reasoning verification's reading: both captions, then the change between them in the canonical
+  wording the staged rewrite writes (so F's own rewrites are checked by comparing two texts it wrote alike)."""
+  return f"{two_picture_summary(oracle, reference, candidate)}. {CHANGE_MARKER} {change_text(oracle, reference, candidate)}"
+
+
 def value_phrase(attr: str, value: str) -> str:
   """How a question names `value` of `attr` ("Is it <phrase>?" / "Does it have <phrase>?")."""
   return re.sub(r"^(?:Is it|Does it have) (.*)\?$", r"\1", language.question(attr, value))
@@ -264,9 +280,13 @@ def build_examples(queries: Sequence[Query], images: Mapping[str, str], cfg: SFT
           answer = rewrite_answer(text, new, summary)
         out += [Example("rewrite", (q.reference, instance), two_picture_prompt(rewrite_t, text), answer, q.qid)]
       if "verify" in cfg.tasks:
-        for candidate, t in ((q.target, text), (instance, text), (instance, new), (q.target, new)):
+        items = [(q.target, text), (instance, text), (instance, new), (q.target, new)]
+        if cfg.prompt_mode == "staged_cot":  # the canonical wording F's staged rewrites are in
+          canonical = canonical_edit(oracle.garment(q.reference), oracle.garment(instance))
+          items += [(instance, canonical), (q.target, canonical)]
+        for candidate, t in items:
           yes = oracle.judge(q.reference, t, candidate)
-          answer = (decision_answer(two_picture_summary(oracle, q.reference, candidate), yes) if describe else
+          answer = (decision_answer(verify_summary(oracle, q.reference, candidate), yes) if describe else
                     "yes" if yes else "no")
           out.append(Example("verify", (q.reference, candidate), two_picture_prompt(verify_t, t), answer, q.qid))
   if not out:

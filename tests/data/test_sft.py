@@ -143,7 +143,12 @@ def test_describe_reasoning_puts_the_facts_in_words_before_deciding(fashioniq_tr
   for e in examples:
     if e.task == "verify":
       description, decision = e.answer.split(f". {sft.ANSWER_MARKER} ")
-      assert description == sft.two_picture_summary(oracle, *e.images)
+      assert description == sft.verify_summary(oracle, *e.images)
+      captions, change = description.split(f". {sft.CHANGE_MARKER} ")
+      assert captions == sft.two_picture_summary(oracle, *e.images)
+      reference, candidate = (oracle.garment(n) for n in e.images)
+      assert change == sft.canonical_edit(reference, candidate)  # the change reference -> candidate, canonical
+      assert oracle.judge(e.images[0], change, e.images[1])
       text = e.prompt.split('Instruction: "')[1].split('"\n')[0]
       assert decision == ("yes" if oracle.judge(e.images[0], text, e.images[1]) else "no")
     if e.task == "rewrite":
@@ -174,6 +179,15 @@ def test_staged_rewrites_and_task_repeats(fashioniq_train):
     assert result.reason == parse.OK and oracle.judge(e.images[0], result.text, e.images[1]), e.answer
     assert json.loads(e.answer)["captions"] == {"picture_1": oracle.describe(e.images[0]),
                                                 "picture_2": oracle.describe(e.images[1])}
+  # Staged mode: verification also learns the canonical wording of the staged rewrites (yes on the instance only).
+  vcfg = sft.SFTConfig(lengths=(128, 2048), batch_size=4, tasks=("rewrite", "verify"), prompt_mode="staged_cot")
+  staged = sft.build_examples(queries, images, vcfg, seed=0)
+  for e in (e for e in staged if e.task == "rewrite"):
+    canonical = json.loads(e.answer)["new_text"]
+    checks = {(v.images[1], v.answer.rsplit(" ", 1)[-1]) for v in staged
+              if v.task == "verify" and v.source == e.source and f'"{canonical}"' in v.prompt}
+    target = by_qid[e.source].target
+    assert checks == {(e.images[1], "yes"), (target, "no")}, (canonical, checks)
   _, images = fashioniq_train
   enc = pipeline.EncodeConfig(image_buckets=ImageBuckets.square(56), query_lengths=(256,), target_lengths=(128,))
   ds = sft.sft_dataset(examples, load=pipeline.FileImages(images), tokenizer=build_tiny_tokenizer(),
