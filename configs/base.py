@@ -130,6 +130,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.teach.checkpoint_every = 100
   c.teach.keep_checkpoints = 1
   c.teach.data_threads = 2
+  # A folder where a finished teach is stored and reused by later runs with the same recipe, world, base and code
+  # (stages/teach_cache.py); "" = never. launch/demo.sh and launch/study.sh set ~/.cache/recall_jax/teach.
+  c.teach.cache_dir = ""
 
   c.calibrate = ml_collections.ConfigDict()
   c.calibrate.prompt_mode = "minimal_json"  # minimal_json (ReCALL code's default) | staged_cot (the paper's)

@@ -17,7 +17,8 @@ Two ways to train, by config:
   teach.trainable_regex = "<re>"   full fine-tuning of the parameters whose path matches (".*" = all): the choice for
                                    the demo's tiny random model, which has nothing for a low-rank update to adapt
                                    (its embeddings, norms and lm_head must move too) and costs little to train fully.
-The result is saved in the Hugging Face layout (save_pretrained + the tokenizer) to <workdir>/teach/checkpoint;
+With config teach.cache_dir, a finished teach is stored there and reused by any later run (any workdir) with the
+same recipe, world, base and code (`teach_cache`). The result is saved in the Hugging Face layout (save_pretrained + the tokenizer) to <workdir>/teach/checkpoint;
 `common.foundation_checkpoint` hands it to the later stages when this stage has finished (the retriever starts from
 F, as in the paper). Resuming: the vision phase's model is saved to <workdir>/teach/vision (HF layout) and reused;
 the fine-tuning resumes from its Orbax checkpoints.
@@ -40,7 +41,7 @@ from recall_jax.data import pipeline, sft
 from recall_jax.data.synthetic.attributes import ATTRIBUTES, CATEGORIES, VALUES
 from recall_jax.data.synthetic.oracle import Oracle
 from recall_jax.models import lora, qwen2_5_vl
-from recall_jax.stages import artifacts, common, prepare
+from recall_jax.stages import artifacts, common, prepare, teach_cache
 from recall_jax.train import generative, trainer, vision_pretrain
 
 log = logging.getLogger("recall_jax")
@@ -141,6 +142,9 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
   with cfg.unlocked():
     cfg.seed = cfg.teach.seed  # every draw below (and in vision pretraining and the quality check) is teach's own
   t = cfg.teach
+  cache_key = teach_cache.key(cfg, workdir) if t.cache_dir else None
+  if cache_key and (reused := teach_cache.restore(t.cache_dir, cache_key, out)) is not None:
+    return reused
   splits = common.read_splits(cfg, workdir, "train")
   queries = [q for s in splits for q in s.queries]
   images: dict[str, str] = {}
@@ -179,7 +183,10 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
     from recall_jax.stages import foundation_quality
     quality = foundation_quality.evaluate_foundation(model, tokenizer, cfg, workdir)
     log.info("[teach] F on val: %s", json.dumps({k: v for k, v in quality.items() if isinstance(v, float)}))
-  return {"checkpoint": path, "mode": f"full fine-tuning of /{t.trainable_regex}/" if t.trainable_regex else
-          f"LoRA rank {t.lora.rank} on /{t.lora.target_regex}/, merged", "steps": result.steps,
-          "reasoning": t.reasoning, "vision": vision, "quality": quality,
-          "examples": len(examples), "examples_by_task": tasks, "last_train_metrics": result.last_metrics}
+  figures = {"checkpoint": path, "mode": f"full fine-tuning of /{t.trainable_regex}/" if t.trainable_regex else
+             f"LoRA rank {t.lora.rank} on /{t.lora.target_regex}/, merged", "steps": result.steps,
+             "reasoning": t.reasoning, "vision": vision, "quality": quality,
+             "examples": len(examples), "examples_by_task": tasks, "last_train_metrics": result.last_metrics}
+  if cache_key and jax.process_index() == 0:
+    teach_cache.store(t.cache_dir, cache_key, out, figures)
+  return figures

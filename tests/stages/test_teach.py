@@ -11,7 +11,7 @@ from configs import demo as demo_config
 from configs import tiny as demo
 from recall_jax import main
 from recall_jax.models import qwen2_5_vl
-from recall_jax.stages import artifacts, common, prepare, teach
+from recall_jax.stages import artifacts, common, prepare, teach, teach_cache
 
 
 def _config(trainable_regex):
@@ -120,3 +120,35 @@ def test_a_short_teach_raises_vqa_accuracy_over_the_untrained_model(tmp_path):
   after = foundation_quality.evaluate_foundation(taught, tokenizer, cfg, workdir, split="train")["vqa_accuracy"]
   assert manifest["vision"]["val_accuracy"]["colour"] > 0.3  # chance is 1/11 (measured 0.81)
   assert after >= before + 0.06, (before, after)  # measured 0.50 -> 0.61 over 96 questions
+
+
+def test_a_finished_teach_is_reused_from_the_cache_by_another_workdir(prepared, tmp_path):
+  cache = str(tmp_path / "cache")
+  runs = {}
+  for name in ("first", "second"):
+    workdir = str(tmp_path / name)
+    os.makedirs(workdir)
+    os.symlink(os.path.join(prepared, "prepare"), os.path.join(workdir, "prepare"))
+    cfg = _config(".*")
+    cfg.teach.cache_dir = cache
+    main.run(cfg, workdir, ["teach"])
+    runs[name] = (workdir, artifacts.read_manifest(workdir, "teach"))
+  (first, taught), (second, reused) = runs["first"], runs["second"]
+  assert teach_cache.key(cfg, first) == teach_cache.key(cfg, second)  # the workdir's path is not part of F
+  entry = teach_cache.entry_dir(cache, teach_cache.key(cfg, first))
+  assert "reused_from" not in taught and reused["reused_from"] == entry
+  assert reused["checkpoint"] == os.path.join(second, "teach", teach.CHECKPOINT)
+  assert reused["last_train_metrics"] == taught["last_train_metrics"]
+  a, b = _params(taught["checkpoint"]), _params(reused["checkpoint"])
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  assert common.foundation_checkpoint(cfg, second) == reused["checkpoint"]
+  # Another recipe, or other code, is another F.
+  other = _config(".*")
+  other.teach.steps = 3
+  assert teach_cache.key(other, first) != teach_cache.key(cfg, first)
+  package = tmp_path / "package"
+  (package / "stages").mkdir(parents=True)
+  (package / "stages" / "teach.py").write_text("x = 1\n")
+  before = teach_cache.code_digest(str(package))
+  (package / "stages" / "teach.py").write_text("x = 2\n")
+  assert teach_cache.code_digest(str(package)) != before
