@@ -20,8 +20,9 @@ Four tasks, all built from the training split's scene graphs (`Oracle`):
 
 Reasoning (SFTConfig.reasoning): "direct" answers as above. "describe" has the model read the pictures before it
 decides, in text: a yes/no answer becomes "<what the picture shows>. Answer: yes" (the asked attribute's value for a
-question; for a verification both pictures' captions and, after CHANGE_MARKER, the change between them in the
-canonical wording), and a rewrite's JSON starts with a "visual_summary" holding
+question; for a verification both pictures' captions, after CHANGE_MARKER the change between them and after
+ASKED_MARKER the change the text asks, both in the canonical wording, so that the decision is whether the two are
+the same), and a rewrite's JSON starts with a "visual_summary" holding
 both captions. A tiny model learns to read an image into words quickly (captioning is a direct map) but not the
 image-question conjunction of a bare yes/no (it first learns to ignore the image; shared environment notes); once
 the facts are words, the decision is a comparison of words. Stage 3 then decodes the description and reads P(yes)
@@ -54,6 +55,7 @@ from recall_jax.data import pipeline, prompts
 from recall_jax.data.records import DataError, Query
 from recall_jax.data.synthetic import language
 from recall_jax.data.synthetic.attributes import ATTRIBUTES, CATEGORIES, VALUES
+from recall_jax.data.synthetic import oracle as oracle_lib
 from recall_jax.data.synthetic.oracle import Oracle
 from recall_jax.generate import parse, prompt_files
 
@@ -62,6 +64,7 @@ TASKS = ("caption", "vqa", "rewrite", "verify")
 REASONING = ("direct", "describe")
 ANSWER_MARKER = "Answer:"  # "describe" reasoning: the yes/no word follows it
 CHANGE_MARKER = "Change:"  # a describe verification: the canonical change reference -> candidate follows it
+ASKED_MARKER = "Asked:"  # ... then the change the text asks, in the same wording
 NO_CHANGE = "none"
 CAPTION_INSTRUCTION = "Describe the garment."
 ANSWER_END = prompts.IM_END
@@ -188,10 +191,25 @@ def change_text(oracle: Oracle, first: str, second: str) -> str:
   return canonical_edit(a, b) if a.diff(b) else NO_CHANGE
 
 
-def verify_summary(oracle: Oracle, reference: str, candidate: str) -> str:
-  """A describe-reasoning verification's reading: both captions, then the change between them in the canonical
-  wording the staged rewrite writes (so F's own rewrites are checked by comparing two texts it wrote alike)."""
-  return f"{two_picture_summary(oracle, reference, candidate)}. {CHANGE_MARKER} {change_text(oracle, reference, candidate)}"
+def asked_text(oracle: Oracle, reference: str, text: str) -> Optional[str]:
+  """The change `text` asks of the reference in the canonical wording ("none" when it asks none), or None when the
+  text pins down no single garment of the reference's category (then no verification example is built on it)."""
+  ref = oracle.garment(reference)
+  wanted = oracle_lib.implied(ref, text)
+  if wanted is None or wanted.category != ref.category:
+    return None
+  return canonical_edit(ref, wanted) if ref.diff(wanted) else NO_CHANGE
+
+
+def verify_summary(oracle: Oracle, reference: str, candidate: str, text: str) -> Optional[str]:
+  """A describe-reasoning verification's reading: both captions, the change between the pictures, then the change
+  the text asks, both in the canonical wording the staged rewrite writes. The decision is then whether two texts F
+  wrote itself are the same (oracle.judge holds exactly then; build_examples checks it). None as asked_text."""
+  asked = asked_text(oracle, reference, text)
+  if asked is None:
+    return None
+  return (f"{two_picture_summary(oracle, reference, candidate)}. {CHANGE_MARKER} "
+          f"{change_text(oracle, reference, candidate)}. {ASKED_MARKER} {asked}")
 
 
 def value_phrase(attr: str, value: str) -> str:
@@ -286,8 +304,14 @@ def build_examples(queries: Sequence[Query], images: Mapping[str, str], cfg: SFT
           items += [(instance, canonical), (q.target, canonical)]
         for candidate, t in items:
           yes = oracle.judge(q.reference, t, candidate)
-          answer = (decision_answer(verify_summary(oracle, q.reference, candidate), yes) if describe else
-                    "yes" if yes else "no")
+          if describe:
+            summary = verify_summary(oracle, q.reference, candidate, t)
+            if summary is None:
+              continue
+            change, asked = summary.split(f". {CHANGE_MARKER} ")[1].split(f". {ASKED_MARKER} ")
+            if (change == asked) != yes:
+              raise DataError(f"the verification reading of {q.qid!r} ({summary!r}) disagrees with oracle.judge")
+          answer = decision_answer(summary, yes) if describe else "yes" if yes else "no"
           out.append(Example("verify", (q.reference, candidate), two_picture_prompt(verify_t, t), answer, q.qid))
   if not out:
     raise DataError(f"no SFT examples from {len(queries)} queries for tasks {cfg.tasks}")

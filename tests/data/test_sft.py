@@ -143,14 +143,17 @@ def test_describe_reasoning_puts_the_facts_in_words_before_deciding(fashioniq_tr
   for e in examples:
     if e.task == "verify":
       description, decision = e.answer.split(f". {sft.ANSWER_MARKER} ")
-      assert description == sft.verify_summary(oracle, *e.images)
-      captions, change = description.split(f". {sft.CHANGE_MARKER} ")
+      text = e.prompt.split('Instruction: "')[1].split('"\n')[0]
+      assert description == sft.verify_summary(oracle, *e.images, text)
+      captions, rest = description.split(f". {sft.CHANGE_MARKER} ")
+      change, asked = rest.split(f". {sft.ASKED_MARKER} ")
       assert captions == sft.two_picture_summary(oracle, *e.images)
       reference, candidate = (oracle.garment(n) for n in e.images)
       assert change == sft.canonical_edit(reference, candidate)  # the change reference -> candidate, canonical
       assert oracle.judge(e.images[0], change, e.images[1])
-      text = e.prompt.split('Instruction: "')[1].split('"\n')[0]
-      assert decision == ("yes" if oracle.judge(e.images[0], text, e.images[1]) else "no")
+      assert asked == sft.asked_text(oracle, e.images[0], text)
+      assert decision == ("yes" if oracle.judge(e.images[0], text, e.images[1]) else "no") == (
+          "yes" if change == asked else "no")  # the decision is whether the two changes are the same
     if e.task == "rewrite":
       answer = json.loads(e.answer)
       assert list(answer) == ["visual_summary", "segments"]  # the summary is written first

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 
 from recall_jax.data.synthetic import language
-from recall_jax.data.synthetic.attributes import Garment
+from recall_jax.data.synthetic.attributes import VALUES, Garment, rank
 
 
 def describe(image: Garment) -> str:
@@ -47,6 +47,25 @@ def judge(reference: Garment, text: str, candidate: Garment) -> bool:
   mentioned = {s.attr for s in statements}
   kept = all(a in mentioned for a in reference.diff(candidate))
   return kept and all(language.holds(s, candidate, reference) for s in statements)
+
+
+def implied(reference: Garment, text: str) -> Optional[Garment]:
+  """The one garment `text` describes from `reference`: its stated values set, a direction resolved to the single
+  value that lies that way, the rest kept. None when a direction leaves several values (the text pins down no one
+  garment). judge(reference, text, c) holds exactly for c == implied(reference, text) when it is not None.
+  Raises `TextParseError` when the text cannot be read."""
+  changes = {}
+  for s in language.parse_statements(text):
+    if s.op == "=":
+      changes[s.attr] = s.value
+      continue
+    here = rank(s.attr, reference.get(s.attr))
+    values = VALUES[s.attr]
+    side = values[:here] if s.op == "<" else values[here + 1:]
+    if len(side) != 1:
+      return None
+    changes[s.attr] = side[0]
+  return reference.replace(**changes)
 
 
 def load_scene_graph(image_path: str | pathlib.Path) -> Garment:

@@ -27,6 +27,18 @@ def test_judge_accepts_every_paraphrase_of_the_edit_and_rejects_every_near_miss(
       assert not oracle.judge(t.reference, text, t.reference)
 
 
+def test_implied_is_the_one_garment_the_judge_accepts():
+  for i, t in enumerate(_triplets(200, seed=5)):
+    text = oracle.edit(t.reference, t.target, variant=i)
+    assert oracle.implied(t.reference, text) == t.target, text
+    for wrong in (t.reference, *one_off(t.target)):
+      assert oracle.judge(t.reference, text, wrong) == (wrong == oracle.implied(t.reference, text))
+  g = Garment("dress", "red", "solid", "long", "knee", "round")
+  assert oracle.implied(g, "is shorter") == g.replace(length="short")  # one value that way
+  assert oracle.implied(g, "has shorter sleeves") is None  # "none" and "short" both lie that way
+  assert oracle.implied(g, "is red") == g
+
+
 def test_judge_of_joined_captions_and_other_category():
   t = _triplets(1, seed=3)[0]
   joined = oracle.edit(t.reference, t.target, 0) + " and " + oracle.edit(t.reference, t.target, 1)
