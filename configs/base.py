@@ -117,6 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.teach.reasoning = "direct"
   c.teach.vqa_pairs = 1  # true/false question pairs per training image, each on its own attribute
   c.teach.repeats = ml_collections.ConfigDict()  # task -> k: its examples k times per epoch (e.g. {"rewrite": 3})
+  c.teach.decision_weight = 1.0  # loss weight of the yes/no token of vqa / verify answers (1: the plain mean)
   # Phase 1: the vision tower classifies the training images' attributes (0 steps: skipped; a real F's tower is
   # pretrained already).
   c.teach.vision = ml_collections.ConfigDict(

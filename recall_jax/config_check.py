@@ -73,6 +73,7 @@ _RANGES = {
     "mine.random_pool": (1, None, True, True),
     "teach.batch_size": (1, None, True, True),
     "teach.steps": (1, None, True, True),
+    "teach.decision_weight": (0.0, None, False, True),
     "calibrate.batch_size": (1, None, True, True),
     "calibrate.max_new_tokens": (1, None, True, True),
     "calibrate.max_records": (0, None, True, True),

@@ -36,6 +36,7 @@ order is a pure function of (seed, epoch): a `grain.MapDataset` whose element i 
 
 Batch arrays (B = batch size, k = images per example, P = patches of the image bucket, L = a length bucket):
   input_ids int32 (B, L), attention_mask int32 (B, L), labels int32 (B, L) (IGNORE outside answers),
+  loss_weights float32 (B, L) (1 on answer tokens, SFTConfig.decision_weight on a yes/no decision token, 0 elsewhere),
   pixel_values float32 (B, k, P, D), image_grid_thw int64 (B, k, 3), valid bool (B,) (padding slots repeat an
   example of the batch and have no labels), example_index int32 (B,) (-1 on padding).
 """
@@ -61,6 +62,7 @@ from recall_jax.generate import parse, prompt_files
 
 IGNORE = -100
 TASKS = ("caption", "vqa", "rewrite", "verify")
+DECISION_TASKS = ("vqa", "verify")  # answers that end in a yes/no decision token
 REASONING = ("direct", "describe")
 ANSWER_MARKER = "Answer:"  # "describe" reasoning: the yes/no word follows it
 CHANGE_MARKER = "Change:"  # a describe verification: the canonical change reference -> candidate follows it
@@ -99,6 +101,7 @@ class SFTConfig:
   vqa_pairs: int = 1
   prompt_mode: str = "minimal_json"
   repeats: tuple[tuple[str, int], ...] = ()  # (task, k): each example of the task k times per epoch
+  decision_weight: float = 1.0  # loss weight of a yes/no answer's decision token (DECISION_TASKS); others weigh 1
 
   def __post_init__(self):
     if self.reasoning not in REASONING:
@@ -109,6 +112,8 @@ class SFTConfig:
     bad = [(t, k) for t, k in self.repeats if t not in TASKS or int(k) < 1]
     if bad:
       raise ValueError(f"SFT repeats must be (task, k >= 1) pairs over {TASKS}, got {bad} (config teach.repeats)")
+    if not self.decision_weight > 0:
+      raise ValueError(f"SFT decision_weight must be > 0, got {self.decision_weight} (config teach.decision_weight)")
     if not 1 <= self.vqa_pairs <= 6:
       raise ValueError(f"SFT vqa_pairs must be in [1, 6] (one per attribute), got {self.vqa_pairs} "
                        f"(config teach.vqa_pairs)")
@@ -334,13 +339,26 @@ class _BatchEncoder:
   """Batch plan entry -> batch arrays; picklable (Grain workers)."""
 
   def __init__(self, examples: Sequence[Example], load: pipeline.ImageLoader, tokenizer: Any,
-               encode_cfg: pipeline.EncodeConfig, lengths: Sequence[int], origin: Sequence[int]):
+               encode_cfg: pipeline.EncodeConfig, lengths: Sequence[int], origin: Sequence[int],
+               decision_weight: float = 1.0):
     self.examples = tuple(examples)
+    self.decision_weight = float(decision_weight)
     self.origin = np.asarray(origin, np.int32)  # plan index -> index into the caller's examples
     self.load = load
     self.tokenizer = tokenizer
     self.encode_cfg = encode_cfg
     self.lengths = tuple(sorted(lengths))
+
+  def _decision_offset(self, answer: str) -> int:
+    """Index, among the answer's tokens, of the first token of its final yes / no word: the token Stage 3 scores
+    (generate.decide)."""
+    word = answer.rsplit(" ", 1)[-1]
+    head = answer[:len(answer) - len(word)].rstrip(" ")  # the space belongs to the word's token
+    head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"] if head else []
+    ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if word not in ("yes", "no") or list(ids[:len(head_ids)]) != list(head_ids):
+      raise ValueError(f"SFT answer {answer!r} does not end in a yes / no word tokenised on its own")
+    return len(head_ids)
 
   def __call__(self, slots: Mapping[str, Any]) -> dict[str, np.ndarray]:
     index = np.asarray(slots["index"])
@@ -367,13 +385,18 @@ class _BatchEncoder:
     input_ids = np.full((b, length), self.tokenizer.pad_token_id, np.int32)
     attention_mask = np.zeros((b, length), np.int32)
     labels = np.full((b, length), IGNORE, np.int32)
+    weights = np.zeros((b, length), np.float32)
     for j, (ids, lab) in enumerate(tokens):
       input_ids[j, :len(ids)] = ids
       attention_mask[j, :len(ids)] = 1
       if valid[j]:
         labels[j, :len(lab)] = lab
+        answer = np.flatnonzero(np.asarray(lab) != IGNORE)
+        weights[j, answer] = 1.0
+        if chosen[j].task in DECISION_TASKS:
+          weights[j, answer[0] + self._decision_offset(chosen[j].answer)] = self.decision_weight
     return {
-        "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+        "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "loss_weights": weights,
         "pixel_values": pixels[rows].reshape(b, k, *pixels.shape[1:]),
         "image_grid_thw": grids[rows].reshape(b, k, 3),
         "valid": valid, "example_index": np.where(valid, self.origin[np.maximum(index, 0)], -1).astype(np.int32),
@@ -421,4 +444,5 @@ def sft_dataset(examples: Sequence[Example], *, load: pipeline.ImageLoader, toke
   index = [i for i, e in enumerate(examples) for _ in range(int(repeats.get(e.task, 1)))]
   plan = _EpochPlan([examples[i].task for i in index], cfg.batch_size, seed, num_epochs)
   chosen = [examples[i] for i in index]
-  return grain.MapDataset.source(plan).map(_BatchEncoder(chosen, load, tokenizer, encode_cfg, cfg.lengths, index))
+  return grain.MapDataset.source(plan).map(_BatchEncoder(chosen, load, tokenizer, encode_cfg, cfg.lengths, index,
+                                                         cfg.decision_weight))

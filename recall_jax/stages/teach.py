@@ -56,7 +56,8 @@ def sft_config(cfg: ConfigDict) -> sft.SFTConfig:
   return sft.SFTConfig(lengths=tuple(t.lengths), batch_size=t.batch_size, tasks=tuple(t.tasks),
                        prompt_dir=cfg.calibrate.prompt_dir, caption_join=cfg.data.caption_join,
                        reasoning=t.reasoning, vqa_pairs=t.vqa_pairs, prompt_mode=cfg.calibrate.prompt_mode,
-                       repeats=tuple((task, int(k)) for task, k in t.repeats.items()))
+                       repeats=tuple((task, int(k)) for task, k in t.repeats.items()),
+                       decision_weight=float(t.decision_weight))
 
 
 def _image_arrays(images: dict[str, str], names: list[str], encode_cfg: pipeline.EncodeConfig):

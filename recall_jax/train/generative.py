@@ -2,7 +2,9 @@
 
 loss = mean over answer tokens of -log softmax(logits[t])[labels[t + 1]], logits in fp32; every position whose next
 label is `sft.IGNORE` (prompt, image pads, padding, padding examples) contributes nothing. This is exactly the loss
-transformers computes for `Qwen2_5_VLForConditionalGeneration(..., labels=labels)`.
+transformers computes for `Qwen2_5_VLForConditionalGeneration(..., labels=labels)`. With teach.decision_weight != 1
+the mean is weighted (sft's loss_weights): a yes/no decision is one token of a ~60-token describe-then-decide answer,
+and at weight 1 a tiny F learns the readings but leaves the decision at chance.
 
 Batches come from `recall_jax.data.sft` (one image count per batch); `host_batch` lays them out like the contrastive
 step's (batch axis first, so they shard over the data axes) with the vision geometry as static-shaped host numpy.
@@ -26,8 +28,12 @@ from recall_jax.train import step as step_lib
 from recall_jax.train.step import reseeded
 
 
-def next_token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """logits (B, L, V), labels (B, L) (IGNORE where not trained) -> (masked mean CE, metrics); shifted by one."""
+def next_token_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """logits (B, L, V), labels (B, L) (IGNORE where not trained) -> (masked mean CE, metrics); shifted by one.
+
+  weights (B, L), optional: a weighted mean over the trained tokens instead (sft's loss_weights; all ones = the
+  plain mean)."""
   logits = logits[:, :-1].astype(jnp.float32)
   targets = labels[:, 1:]
   mask = targets != IGNORE
@@ -35,7 +41,8 @@ def next_token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, di
   log_z = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
   count = jnp.maximum(mask.sum(), 1)
-  loss = jnp.sum(jnp.where(mask, log_z - picked, 0.0)) / count
+  w = mask.astype(jnp.float32) if weights is None else jnp.where(mask, weights[:, 1:].astype(jnp.float32), 0.0)
+  loss = jnp.sum(jnp.where(mask, log_z - picked, 0.0) * w) / jnp.maximum(w.sum(), 1e-9)
   correct = jnp.where(mask, jnp.argmax(logits, axis=-1) == targets, False)
   return loss, {"loss": loss, "token_accuracy": correct.sum() / count, "answer_tokens": mask.sum()}
 
@@ -68,6 +75,8 @@ def host_batch(model_cfg, batch: dict[str, np.ndarray], *, step_seed: int
       "input_ids": ids.astype(np.int32),
       "attention_mask": mask.astype(np.int32),
       "labels": np.asarray(batch["labels"], np.int32),
+      "loss_weights": np.asarray(batch["loss_weights"] if "loss_weights" in batch else
+                                 batch["labels"] != IGNORE, np.float32),
       "position_ids": np.swapaxes(position_ids_for(model_cfg, ids, mask, flat), 0, 1).astype(np.int32),
       "pixel_values": np.asarray(batch["pixel_values"][:, :, :patches], np.float32).reshape(b, k * patches, -1),
       "seed": (np.uint32(step_seed) * np.uint32(1_000_003) + np.arange(b, dtype=np.uint32)).astype(np.uint32),
@@ -93,7 +102,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, reseeded(rng_state, jax.random.key(batch["seed"][0])), rest)
-      return next_token_loss(logits(model, batch, geometry), batch["labels"])
+      return next_token_loss(logits(model, batch, geometry), batch["labels"], batch["loss_weights"])
 
     params = state["adapters"]
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)

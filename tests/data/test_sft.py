@@ -166,6 +166,33 @@ def test_describe_reasoning_puts_the_facts_in_words_before_deciding(fashioniq_tr
     sft.SFTConfig(lengths=LENGTHS, batch_size=4, vqa_pairs=7)
 
 
+def test_decision_tokens_carry_the_decision_weight(fashioniq_train):
+  queries, images = fashioniq_train
+  tokenizer = build_tiny_tokenizer()
+  enc = pipeline.EncodeConfig(image_buckets=ImageBuckets.square(56), query_lengths=(256,), target_lengths=(128,))
+  cfg = sft.SFTConfig(lengths=(128, 2048), batch_size=4, tasks=("caption", "vqa", "verify"), reasoning="describe",
+                      decision_weight=7.0)
+  examples = sft.build_examples(queries[:4], images, cfg, seed=0)
+  ds = sft.sft_dataset(examples, load=pipeline.FileImages(images), tokenizer=tokenizer, encode_cfg=enc, cfg=cfg,
+                       seed=0, num_epochs=1)
+  decision_ids = {tokenizer.encode(w, add_special_tokens=False)[0] for w in (" yes", " no")}  # as decide scores
+  for i in range(len(ds)):
+    batch = ds[i]
+    for j in np.flatnonzero(batch["valid"]):
+      labels, weights = batch["labels"][j], batch["loss_weights"][j]
+      answer = np.flatnonzero(labels != sft.IGNORE)
+      np.testing.assert_array_equal(weights[labels == sft.IGNORE], 0.0)
+      heavy = np.flatnonzero(weights == 7.0)
+      if examples[batch["example_index"][j]].task == "caption":
+        assert heavy.size == 0 and np.all(weights[answer] == 1.0)
+      else:  # exactly the first token of the final yes / no word
+        assert heavy.size == 1 and labels[heavy[0]] in decision_ids
+        word = examples[batch["example_index"][j]].answer.rsplit(" ", 1)[-1]
+        assert labels[heavy[0]] == tokenizer.encode(" " + word, add_special_tokens=False)[0]
+  with pytest.raises(ValueError, match="teach.decision_weight"):
+    sft.SFTConfig(lengths=LENGTHS, batch_size=4, decision_weight=0.0)
+
+
 def test_staged_rewrites_and_task_repeats(fashioniq_train):
   queries, images = fashioniq_train
   oracle = Oracle(images)

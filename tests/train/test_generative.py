@@ -96,6 +96,24 @@ def test_only_answer_tokens_contribute():
   np.testing.assert_allclose(float(loss), want, rtol=1e-6)
 
 
+def test_weighted_loss_is_the_weighted_mean_and_ones_are_the_plain_mean():
+  rng = np.random.default_rng(1)
+  logits = jnp.asarray(rng.standard_normal((2, 6, 9)), jnp.float32)
+  labels = np.full((2, 6), sft.IGNORE, np.int32)
+  labels[0, 3:] = [1, 2, 3]
+  labels[1, 5] = 4
+  plain = float(generative.next_token_loss(logits, jnp.asarray(labels))[0])
+  ones = np.ones(labels.shape, np.float32)
+  assert float(generative.next_token_loss(logits, jnp.asarray(labels), jnp.asarray(ones))[0]) == pytest.approx(plain)
+  weights = ones.copy()
+  weights[0, 4] = 10.0  # label 2 of row 0, predicted at position 3
+  x = np.asarray(logits, np.float64)[:, :-1]
+  lp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+  want = -(lp[0, 2, 1] + 10 * lp[0, 3, 2] + lp[0, 4, 3] + lp[1, 4, 4]) / 13
+  got = float(generative.next_token_loss(logits, jnp.asarray(labels), jnp.asarray(weights))[0])
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_steps_on_a_fixed_batch_reduce_the_loss_and_train_only_the_selected_params(batches):
   model = qwen2_5_vl.Qwen25VLModel(qwen2_5_vl.tiny_config(text=dict(num_hidden_layers=1)), rngs=nnx.Rngs(0))
   graphdef, params, rng_state, rest = nnx.split(model, generative.params_matching(LM_REGEX), nnx.RngState, ...)
