@@ -5,10 +5,10 @@ Launch (what `bash launch/study.sh` runs):
   python -m recall_jax.study --config configs/study.py --workdir runs/study
 Override any field on the command line, e.g. `'--config.study.rows=("baseline", "full")' --config.refine.steps=60`.
 
-Budget, estimated from stage timings on the demo world (not measured end to end; ~0.75 s per training step, ~8 s
-per val evaluation, ~15 rewrites/s on 2 idle cores): teach once (the demo's), then per seed ~25 min (adapt 300
-steps, 8 refinements of 80 steps, 27 evaluations, 3 minings, 4 calibrations of every mined failure): ~75 min after
-teach. study.json records each row's seconds; fewer rows or `--config.refine.steps` are the levers.
+Budget, measured on 2 cores (2026-12-01): teach once (the demo's F, reused from the teach cache when launch/demo.sh
+ran first; 20 min otherwise), then per seed 19 min on idle cores (adapt, 8 refinements of 80 steps, the
+evaluations, 3 minings, 4 calibrations of every mined failure): about 60 min for 3 seeds after teach. study.json
+records each row's seconds; fewer rows or `--config.refine.steps` are the levers.
 """
 
 import ml_collections
