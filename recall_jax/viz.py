@@ -21,6 +21,26 @@ def _font(size: int = 12) -> ImageFont.ImageFont:
     return ImageFont.load_default()
 
 
+_SPACING = 2  # pixels between wrapped text lines
+
+
+def _wrap(text: str, text_width: int) -> str:
+  """Wraps line by line, so explicit newlines (e.g. original vs new text) stay visible."""
+  return "\n".join(textwrap.fill(line, width=max(10, text_width // 7)) for line in text.split("\n"))
+
+
+def row_tops(texts: Sequence[str], font: ImageFont.ImageFont, *, thumb: int, label_h: int, pad: int,
+             head: int) -> list[int]:
+  """Top y of each row, then the bottom of the last: a row is as tall as its thumbnails or its text, whichever is
+  taller, so long texts (F's readings on calibrated.png) never run into the next row."""
+  measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  tops = [head]
+  for text in texts:
+    text_h = measure.multiline_textbbox((0, 0), text, font=font, spacing=_SPACING)[3] if text else 0
+    tops.append(tops[-1] + max(thumb + label_h, text_h) + pad)
+  return tops
+
+
 def contact_sheet_rows(
     rows: Sequence[dict],
     load: Callable[[str], Image.Image],
@@ -40,16 +60,15 @@ def contact_sheet_rows(
   ncols = max(len(r["images"]) for r in rows) if rows else 0
   width = text_width + ncols * (thumb + pad) + pad
   head = 24 if title else 0
-  row_h = thumb + label_h + pad
-  sheet = Image.new("RGB", (width, head + len(rows) * row_h + pad), "white")
+  texts = [_wrap(row["text"], text_width) for row in rows]
+  tops = row_tops(texts, font, thumb=thumb, label_h=label_h, pad=pad, head=head)
+  sheet = Image.new("RGB", (width, tops[-1] + pad), "white")
   draw = ImageDraw.Draw(sheet)
   if title:
     draw.text((pad, 4), title, fill="black", font=_font(14))
-  for r, row in enumerate(rows):
-    y = head + r * row_h + pad
-    # Wrap line by line: explicit newlines (e.g. original vs new text) stay visible.
-    wrapped = "\n".join(textwrap.fill(line, width=max(10, text_width // 7)) for line in row["text"].split("\n"))
-    draw.multiline_text((pad, y), wrapped, fill="black", font=font, spacing=2)
+  for row, wrapped, top in zip(rows, texts, tops):
+    y = top + pad
+    draw.multiline_text((pad, y), wrapped, fill="black", font=font, spacing=_SPACING)
     for c, (name, label, border) in enumerate(row["images"]):
       x = text_width + c * (thumb + pad)
       img = load(name).convert("RGB")
