@@ -3,7 +3,7 @@
   python -m recall_jax.study --config configs/study.py --workdir runs/study     (= bash launch/study.sh)
 
 Pure orchestration over `main.run`: every row is a config switch on the study's base config (the full method is
-the default, recall_method.md), run in its own workdir <workdir>/seed<s>/<row>/. Stages that rows share are
+the default), run in its own workdir <workdir>/seed<s>/<row>/. Stages that rows share are
 computed once and linked into the rows that use them (a symlink per stage folder, so each row's manifests are found
 where the stages look for them):
   * <workdir>/shared: prepare (+ teach): the world and the foundation model F, fixed for the whole study;

@@ -1,6 +1,6 @@
 """Retrieval instructions, Qwen chat-format prompts, image-pad expansion and length-bucketed tokenization.
 
-The prompt strings are part of the retrieval protocol (recall_method.md): training and evaluation must use the same
+The prompt strings are part of the retrieval protocol (the paper's fixed instruction per side): training and evaluation must use the same
 ones, so they live here as constants. `chat_prompt` renders exactly what Qwen2-VL's chat template renders for the
 same messages (tests check it against `tokenizer.apply_chat_template`); an embedding prompt ends with the assistant
 header followed by `POOL_TOKEN`, whose final hidden state is the embedding.

@@ -7,7 +7,7 @@ the stage can count rejections by reason:
     in the original text, in order) by its new span; the rebuilt text wins over the model's own final text;
   * staged-CoT mode takes the model's new text; its intents (at most 6) give per-intent statements for the optional
     decomposed verification;
-  * validators (recall_method.md): empty, longer than 300 characters, starting with "uncertain", a contrast clause
+  * validators (the paper's filters of generated texts): empty, longer than 300 characters, starting with "uncertain", a contrast clause
     that contradicts itself ("red instead of red"); ours in addition: a rewrite equal to the original text.
 """
 

@@ -1,4 +1,5 @@
-"""The synthetic world written in the real FashionIQ, CIRR and CIRCO file layouts (recall_method.md "Dataset files").
+"""The synthetic world written in the real FashionIQ, CIRR and CIRCO file layouts: the file names and JSON fields of
+each dataset's public release, which the loaders in data/readers read.
 
 Each builder samples its own triplets and image pools and returns what to write (JSON files and image jobs, paths
 relative to the world root); world.py does the writing. Pools are shuffled before naming, so neither names nor gallery

@@ -1,4 +1,4 @@
-"""A tiny Qwen2.5-VL configuration for tests and the demo, using the tiny byte-level tokenizer's fixed ids.
+"""A tiny Qwen2.5-VL configuration for tests and the demo, with the tiny tokenizer's special-token ids.
 
 Shapes are small but keep every structural feature of the real model: GQA (2 query heads per KV head), M-RoPE
 sections summing to head_dim / 2, a vision window (112 px = 4 merged patches) smaller than typical test images,
@@ -10,16 +10,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from recall_jax.models.qwen2_5_vl import tiny_tokenizer
 from recall_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, VisionConfig
 
-# Must equal recall_jax/models/qwen2_5_vl/tiny_tokenizer.py (TINY_TOKEN_IDS); pinned in the interfaces document.
-TINY_VOCAB_SIZE = 512
-TINY_IMAGE_TOKEN_ID = 268
-TINY_VIDEO_TOKEN_ID = 269
-TINY_VISION_START_TOKEN_ID = 265
-TINY_VISION_END_TOKEN_ID = 266
-TINY_PAD_TOKEN_ID = 256  # <|endoftext|>
-TINY_EOS_TOKEN_ID = 258  # <|im_end|>
+# The special-token ids of the tiny tokenizer, which owns them (the world BPE keeps them too).
+TINY_VOCAB_SIZE = tiny_tokenizer.TINY_VOCAB_SIZE
+TINY_IMAGE_TOKEN_ID = tiny_tokenizer.TINY_TOKEN_IDS["<|image_pad|>"]
+TINY_VIDEO_TOKEN_ID = tiny_tokenizer.TINY_TOKEN_IDS["<|video_pad|>"]
+TINY_VISION_START_TOKEN_ID = tiny_tokenizer.TINY_TOKEN_IDS["<|vision_start|>"]
+TINY_VISION_END_TOKEN_ID = tiny_tokenizer.TINY_TOKEN_IDS["<|vision_end|>"]
+TINY_PAD_TOKEN_ID = tiny_tokenizer.TINY_TOKEN_IDS["<|endoftext|>"]
+TINY_EOS_TOKEN_ID = tiny_tokenizer.TINY_TOKEN_IDS["<|im_end|>"]
 
 _TINY_TEXT = TextConfig(
     vocab_size=TINY_VOCAB_SIZE,
