@@ -227,3 +227,8 @@ def test_config_errors_name_the_keys(tmp_path):
     study.Study(cfg, str(tmp_path))
   with pytest.raises(KeyError, match="refine.nope"):
     study.row_config(_config(), study.Row("x", "x", "t", {"refine.nope": 1}, ("refine",), {}), 0, None)
+
+
+def test_the_oracle_f_upper_bound_keeps_every_oracle_rewrite():
+  cfg = study.row_config(_config(), study.ROWS["oracle_f"], 0, None)
+  assert cfg.calibrate.rewriter == "oracle" and cfg.calibrate.vqa_filter is False
