@@ -137,7 +137,7 @@ def query_text(dataset: str, query: Query, cfg: EncodeConfig, flip: bool = False
   return prompts.query_prompt(dataset, captions, query.category, caption_join=cfg.caption_join)
 
 
-def _process(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
+def process_position(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   if not 0 <= index < count:
@@ -145,7 +145,7 @@ def _process(process_index: Optional[int], process_count: Optional[int]) -> tupl
   return index, count
 
 
-def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of the process count "
                      f"{process_count}")
@@ -155,7 +155,7 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 # ----------------------------------------------------------------------------------------------- training
 
 
-class _EpochBatches:
+class EpochBatches:
   """Random-access sequence of local batch plans, epochs laid end to end: element i -> (epoch, slot arrays).
 
   Epochs may differ in their number of batches (group packing depends on the shuffle), so the start of each epoch
@@ -280,8 +280,8 @@ def train_dataset(
   for q in queries:
     if q.target is None:
       raise DataError(f"training query {q.qid!r} ({q.source}) has no target")
-  index, count = _process(process_index, process_count)
-  _local_batch_size(global_batch_size, count)
+  index, count = process_position(process_index, process_count)
+  local_batch_size(global_batch_size, count)
   group_keys = [q.group_key for q in queries]
   reference_keys = [q.reference for q in queries]
   target_keys = [q.target for q in queries]
@@ -296,7 +296,7 @@ def train_dataset(
     return {"index": p.item_index, "group_ids": p.group_id, "target_ids": p.target_id}
 
   encoder = _TrainBatchEncoder(queries, dataset, load, tokenizer, cfg, seed)
-  return grain.MapDataset.source(_EpochBatches(plan, num_epochs)).map(encoder)
+  return grain.MapDataset.source(EpochBatches(plan, num_epochs)).map(encoder)
 
 
 def make_iterator(ds: grain.MapDataset, *, num_threads: int = 1, prefetch: int = 2,
@@ -317,7 +317,7 @@ def make_iterator(ds: grain.MapDataset, *, num_threads: int = 1, prefetch: int =
 
 def _eval_slots(n: int, global_batch_size: int, index: int, count: int) -> list[np.ndarray]:
   """Each global batch's slice for this process: item indices, -1 past the end."""
-  local = _local_batch_size(global_batch_size, count)
+  local = local_batch_size(global_batch_size, count)
   num_batches = -(-n // global_batch_size)
   padded = np.full(num_batches * global_batch_size, -1, np.int64)
   padded[:n] = np.arange(n)
@@ -353,7 +353,7 @@ def eval_query_dataset(split: CIRSplit, *, load: ImageLoader, tokenizer: Any, cf
                        global_batch_size: int, process_index: Optional[int] = None,
                        process_count: Optional[int] = None) -> grain.MapDataset:
   """Batches of the split's queries (`query_*` arrays, `index` into split.queries, `valid`); no caption flips."""
-  index, count = _process(process_index, process_count)
+  index, count = process_position(process_index, process_count)
   texts = [query_text(split.dataset, q, cfg) for q in split.queries]
   encoder = _EvalBatchEncoder("query", texts, [q.reference for q in split.queries], load, tokenizer,
                               cfg.query_lengths, cfg)
@@ -364,7 +364,7 @@ def eval_gallery_dataset(split: CIRSplit, *, load: ImageLoader, tokenizer: Any, 
                          global_batch_size: int, process_index: Optional[int] = None,
                          process_count: Optional[int] = None) -> grain.MapDataset:
   """Batches of the split's gallery images as targets (`target_*` arrays, `index` into split.gallery, `valid`)."""
-  index, count = _process(process_index, process_count)
+  index, count = process_position(process_index, process_count)
   texts = [prompts.target_prompt()] * len(split.gallery)
   encoder = _EvalBatchEncoder("target", texts, split.gallery, load, tokenizer, cfg.target_lengths, cfg)
   return grain.MapDataset.source(_eval_slots(len(split.gallery), global_batch_size, index, count)).map(encoder)

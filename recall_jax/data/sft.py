@@ -46,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import grain
@@ -403,21 +402,19 @@ class _BatchEncoder:
     }
 
 
-class _EpochPlan:
-  """Element i -> batch i of the run: epochs laid end to end, each a fixed number of single-task batches whose
-  order and contents are drawn from (seed, epoch)."""
+class _TaskBatchPlan:
+  """Epoch -> this process's part of that epoch's single-task batches, whose order and contents are drawn from
+  (seed, epoch): every process draws the same global batches and keeps its own columns. A picklable plan_fn for
+  pipeline.EpochBatches, which lays the epochs end to end."""
 
-  def __init__(self, tasks: Sequence[str], batch_size: int, seed: int, num_epochs: Optional[int]):
+  def __init__(self, tasks: Sequence[str], batch_size: int, seed: int, process_index: int, process_count: int):
     self.by_task = [np.flatnonzero(np.asarray(tasks) == t) for t in dict.fromkeys(tasks)]
     self.batch_size = batch_size
     self.seed = seed
-    self.num_epochs = num_epochs
-    self.batches_per_epoch = sum(-(-len(ix) // batch_size) for ix in self.by_task)
+    local = pipeline.local_batch_size(batch_size, process_count)
+    self.columns = slice(process_index * local, (process_index + 1) * local)
 
-  def __len__(self) -> int:
-    return sys.maxsize if self.num_epochs is None else self.num_epochs * self.batches_per_epoch
-
-  def epoch(self, epoch: int) -> list[np.ndarray]:
+  def __call__(self, epoch: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([self.seed, epoch])
     batches = []
     for ix in self.by_task:
@@ -425,24 +422,22 @@ class _EpochPlan:
       padded = np.full(-(-len(order) // self.batch_size) * self.batch_size, -1, np.int64)
       padded[:len(order)] = order
       batches += list(padded.reshape(-1, self.batch_size))
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-  def __getitem__(self, i: int) -> dict[str, Any]:
-    if i < 0 or i >= len(self):
-      raise IndexError(f"SFT batch {i} is outside the {self.num_epochs} planned epochs")
-    epoch, b = divmod(i, self.batches_per_epoch)
-    return {"epoch": epoch, "index": self.epoch(epoch)[b]}
+    index = np.stack([batches[i] for i in rng.permutation(len(batches))])
+    return {"index": index[:, self.columns]}
 
 
 def sft_dataset(examples: Sequence[Example], *, load: pipeline.ImageLoader, tokenizer: Any,
                 encode_cfg: pipeline.EncodeConfig, cfg: SFTConfig, seed: int,
-                num_epochs: Optional[int] = None) -> grain.MapDataset:
-  """Fixed-shape batches of `examples` (one task per batch), epochs end to end (forever when num_epochs is None)."""
+                num_epochs: Optional[int] = None, process_index: Optional[int] = None,
+                process_count: Optional[int] = None) -> grain.MapDataset:
+  """This process's fixed-shape batches of `examples` (one task per batch; cfg.batch_size is the global batch),
+  epochs end to end (forever when num_epochs is None)."""
   if not examples:
     raise ValueError("sft_dataset needs at least one example")
   repeats = dict(cfg.repeats)
   index = [i for i, e in enumerate(examples) for _ in range(int(repeats.get(e.task, 1)))]
-  plan = _EpochPlan([examples[i].task for i in index], cfg.batch_size, seed, num_epochs)
+  plan = _TaskBatchPlan([examples[i].task for i in index], cfg.batch_size, seed,
+                        *pipeline.process_position(process_index, process_count))
   chosen = [examples[i] for i in index]
-  return grain.MapDataset.source(plan).map(_BatchEncoder(chosen, load, tokenizer, encode_cfg, cfg.lengths, index,
+  return grain.MapDataset.source(pipeline.EpochBatches(plan, num_epochs)).map(_BatchEncoder(chosen, load, tokenizer, encode_cfg, cfg.lengths, index,
                                                          cfg.decision_weight))

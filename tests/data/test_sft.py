@@ -23,11 +23,12 @@ def examples(fashioniq_train):
   return sft.build_examples(queries, images, sft.SFTConfig(lengths=LENGTHS, batch_size=4), seed=0)
 
 
-def _dataset(fashioniq_train, examples, seed=0, batch_size=4):
+def _dataset(fashioniq_train, examples, seed=0, batch_size=4, **process):
   _, images = fashioniq_train
   enc = pipeline.EncodeConfig(image_buckets=ImageBuckets.square(56), query_lengths=(256,), target_lengths=(128,))
   return sft.sft_dataset(examples, load=pipeline.FileImages(images), tokenizer=build_tiny_tokenizer(),
-                         encode_cfg=enc, cfg=sft.SFTConfig(lengths=LENGTHS, batch_size=batch_size), seed=seed)
+                         encode_cfg=enc, cfg=sft.SFTConfig(lengths=LENGTHS, batch_size=batch_size), seed=seed,
+                         **process)
 
 
 def test_answers_agree_with_the_oracle(fashioniq_train, examples):
@@ -109,6 +110,18 @@ def test_batches_are_deterministic_and_cover_every_example_each_epoch(fashioniq_
   assert not np.array_equal(covered, np.concatenate([other[i]["example_index"] for i in range(per_epoch)]))
   for i in range(per_epoch):  # one task (so one image count) per batch
     assert len({examples[j].task for j in first[i] if j >= 0}) == 1
+
+
+def test_each_process_reads_its_columns_of_the_same_global_batches(fashioniq_train, examples):
+  whole = _dataset(fashioniq_train, examples, process_index=0, process_count=1)
+  parts = [_dataset(fashioniq_train, examples, process_index=p, process_count=2) for p in (0, 1)]
+  for i in (0, 5, 40):
+    halves = [part[i] for part in parts]
+    assert all(h["example_index"].shape == (2,) for h in halves)
+    np.testing.assert_array_equal(np.concatenate([h["example_index"] for h in halves]), whole[i]["example_index"])
+    np.testing.assert_array_equal(np.concatenate([h["labels"] for h in halves]), whole[i]["labels"])
+  with pytest.raises(ValueError, match="multiple of the process count"):
+    _dataset(fashioniq_train, examples, batch_size=3, process_index=0, process_count=2)
 
 
 def test_errors_name_the_config(fashioniq_train, examples):
