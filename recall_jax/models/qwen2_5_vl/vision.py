@@ -30,6 +30,7 @@ from jax.typing import DTypeLike
 
 from recall_jax.models.qwen2_5_vl.config import VisionConfig
 from recall_jax.models.qwen2_5_vl.layers import RMSNorm, SwiGLUMLP
+from recall_jax.models.qwen2_5_vl.rope import rotate_half
 
 GEOMETRY_KEYS = ("rotary_pos", "window_gather", "window_lengths", "window_scatter", "full_gather",
                  "full_lengths", "full_scatter")
@@ -45,16 +46,11 @@ def rotary_cos_sin(rotary_pos: jax.Array, head_dim: int, theta: float) -> tuple[
   return jnp.cos(freqs), jnp.sin(freqs)
 
 
-def _rotate_half(x: jax.Array) -> jax.Array:
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([-x2, x1], axis=-1)
-
-
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """transformers' apply_rotary_pos_emb_vision for one of q / k: (N, heads, head_dim), rotated in fp32."""
   x32 = x.astype(jnp.float32)
   cos, sin = cos[:, None, :], sin[:, None, :]
-  return (x32 * cos + _rotate_half(x32) * sin).astype(x.dtype)
+  return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
 def segment_attention(q: jax.Array, k: jax.Array, v: jax.Array, gather: jax.Array, lengths: jax.Array,
