@@ -17,24 +17,9 @@ from recall_jax.models import qwen2_5_vl
 from recall_jax.data.synthetic.corpus import world_corpus
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
 from recall_jax.models.qwen2_5_vl.world_tokenizer import build_world_tokenizer
+from recall_jax.stages.paths import checkpoint_dir, world_root
 
 TOKENIZERS = ("world", "bytes")
-
-
-def world_root(cfg: ConfigDict, workdir: str) -> str:
-  """The dataset root: config data.root, or ("" ) the synthetic world of the prepare stage."""
-  if cfg.data.root is None:
-    raise ValueError("config data.root is required: the dataset root in its real layout (or \"\" for the "
-                     "synthetic world of the prepare stage)")
-  return cfg.data.root or os.path.join(workdir, "prepare", "world")
-
-
-def checkpoint_dir(cfg: ConfigDict, workdir: str) -> str:
-  """The base checkpoint: config model.checkpoint, or ("") the tiny random one of the prepare stage."""
-  if cfg.model.checkpoint is None:
-    raise ValueError("config model.checkpoint is required: a Hugging Face Qwen2.5-VL checkpoint directory (or \"\" "
-                     "for the tiny random checkpoint of the prepare stage)")
-  return cfg.model.checkpoint or os.path.join(workdir, "prepare", "checkpoint")
 
 
 def _tiny_tokenizer(cfg: ConfigDict, workdir: str, vocab_size: int):
