@@ -50,8 +50,9 @@ def next_positions(position_ids: jax.Array, attention_mask: jax.Array) -> jax.Ar
 def _prefill(graphdef: nnx.GraphDef, state: nnx.State, inputs: dict[str, Any],
              cache_length: int) -> tuple[jax.Array, kv_cache.KVCache, jax.Array]:
   model = nnx.merge(graphdef, state)
-  hidden, cache = kv_cache.prefill(model.language_model, model.embed_inputs(inputs), inputs["position_ids"],
-                                   inputs["attention_mask"], cache_length)
+  lm = model.language_model
+  cache = kv_cache.init(model.cfg.text, inputs["input_ids"].shape[0], cache_length, lm.dtype)
+  hidden, cache = lm(model.embed_inputs(inputs), inputs["position_ids"], inputs["attention_mask"], cache=cache)
   logits = model.logits(hidden[:, -1]).astype(jnp.float32)
   return logits, cache, next_positions(inputs["position_ids"], inputs["attention_mask"])
 
@@ -63,11 +64,12 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, cache: kv_cache.KVCache, l
             positions: jax.Array, rng: jax.Array, eos_ids: jax.Array, pad_id: jax.Array, *, max_new_tokens: int,
             sampling: SamplingConfig, return_logits: bool) -> tuple[GenerateOutput, kv_cache.KVCache]:
   """The decode loop. Iteration n samples token n from the carried logits, then runs it through the decoder
-  (cache slot prompt_length + n, position positions + n) to get the logits of token n + 1. The final cache is
-  returned so the donated input cache can be updated in place."""
+  (the cache's next slot, prompt length + n; position positions + n) to get the logits of token n + 1. The final
+  cache is returned so the donated input cache can be updated in place."""
   model = nnx.merge(graphdef, state)
+  lm = model.language_model
   batch = logits.shape[0]
-  prompt_length = cache.length - max_new_tokens
+  new_token = jnp.ones((batch, 1), jnp.int32)  # the attention mask of one real token per row
 
   def step(carry):
     n = carry["n"]
@@ -83,10 +85,8 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, cache: kv_cache.KVCache, l
     out["done"] = done | jnp.isin(token, eos_ids)
     if return_logits:
       out["all_logits"] = carry["all_logits"].at[:, n].set(logits)
-    x = model.language_model.embed_tokens(token[:, None])
     position_ids = jnp.broadcast_to((positions + n)[None, :, None], (3, batch, 1))
-    hidden, out["cache"] = kv_cache.decode_step(model.language_model, x, position_ids, carry["cache"],
-                                                prompt_length + n)
+    hidden, out["cache"] = lm(lm.embed_tokens(token[:, None]), position_ids, new_token, cache=carry["cache"])
     out["logits"] = model.logits(hidden[:, 0]).astype(jnp.float32)
     out["n"] = n + 1
     return out
