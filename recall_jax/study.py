@@ -29,7 +29,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from recall_jax import files, viz
-from recall_jax.stages import artifacts, calibrate, prepare
+from recall_jax.stages import artifacts, calibrate, paths
 
 log = logging.getLogger("recall_jax")
 
@@ -154,7 +154,7 @@ class Study:
     if stages:
       self.run_fn(self.cfg, self.shared, stages)
     if self.cfg.model.checkpoint == "":  # prepare's tiny base: every row reads it from the shared folder
-      self.checkpoint = os.path.realpath(prepare.checkpoint_dir(self.cfg, self.shared))
+      self.checkpoint = os.path.realpath(paths.checkpoint_dir(self.cfg, self.shared))
 
   def _link(self, source_dir: str, stage: str, target_dir: str) -> None:
     src = os.path.realpath(artifacts.stage_dir(source_dir, stage))

@@ -18,6 +18,8 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from recall_jax.stages import paths
+
 # Config sections per stage (dotted prefixes). A stage depends on its own and on all earlier stages' sections.
 # Dotted names pick one field of another stage's section: the fields a stage reads before that stage runs.
 _TEMPLATES = ("calibrate.prompt_dir", "calibrate.prompt_mode")
@@ -70,8 +72,7 @@ def config_fields(cfg: ConfigDict, workdir: str, stage: str) -> dict[str, Any]:
         _flat(value, section, flat)
   flat = {k: v for k, v in flat.items() if not _NEUTRAL.search(k)}
   if "model.checkpoint" in flat:  # "" = prepare's tiny base: the same base, whatever folder names it
-    from recall_jax.stages import prepare
-    flat["model.checkpoint"] = os.path.realpath(prepare.checkpoint_dir(cfg, workdir))
+    flat["model.checkpoint"] = os.path.realpath(paths.checkpoint_dir(cfg, workdir))
   if "calibrate.prompt_dir" in flat:  # the templates' text, not only their folder: an edited file is a change
     flat["calibrate.templates_sha256"] = _templates_digest(flat["calibrate.prompt_dir"])
   if round_num >= 2:

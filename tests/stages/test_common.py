@@ -6,7 +6,7 @@ import os
 import pytest
 
 from configs import tiny as demo
-from recall_jax.stages import artifacts, common, prepare
+from recall_jax.stages import artifacts, common, paths
 
 
 def _done(workdir, stage, manifest):
@@ -19,13 +19,13 @@ def test_base_checkpoint_is_teach_once_it_has_finished(tmp_path, monkeypatch):
   loaded = []
   monkeypatch.setattr(common.qwen2_5_vl, "from_pretrained", lambda path, **kw: loaded.append(path) or "model")
   monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda path: "tokenizer")
-  assert common.foundation_checkpoint(cfg, workdir) == prepare.checkpoint_dir(cfg, workdir)
+  assert common.foundation_checkpoint(cfg, workdir) == paths.checkpoint_dir(cfg, workdir)
   common.load_base_model(cfg, workdir)
   _done(workdir, "teach", {"checkpoint": "/taught"})
   assert common.foundation_checkpoint(cfg, workdir) == "/taught"
   common.load_base_model(cfg, workdir)
   common.load_base_model(cfg, workdir, "/explicit")
-  assert loaded == [prepare.checkpoint_dir(cfg, workdir), "/taught", "/explicit"]
+  assert loaded == [paths.checkpoint_dir(cfg, workdir), "/taught", "/explicit"]
   # Mining before Stage 1: round 1 uses the base alone; round 2 needs round 1's refine.
   assert common.round_retriever(cfg, workdir, 1) == ("model", "tokenizer", None)
   with pytest.raises(FileNotFoundError, match="'refine' has not finished"):
@@ -36,7 +36,7 @@ def test_adapters_must_match_the_base_and_latest_is_round_aware(tmp_path):
   workdir, cfg = str(tmp_path), demo.get_config()
   cfg.rounds = 2
   assert common.latest_adapters(cfg, workdir) is None
-  _done(workdir, "adapt", {"adapter_dir": "/a", "base_checkpoint": prepare.checkpoint_dir(cfg, workdir)})
+  _done(workdir, "adapt", {"adapter_dir": "/a", "base_checkpoint": paths.checkpoint_dir(cfg, workdir)})
   assert common.latest_adapters(cfg, workdir) == "adapt"
   assert common.trained_adapters(cfg, workdir, "adapt") == "/a"
   _done(workdir, "refine", {"adapter_dir": "/r1"})

@@ -11,7 +11,7 @@ from configs import demo as demo_config
 from configs import tiny as demo
 from recall_jax import main
 from recall_jax.models import qwen2_5_vl
-from recall_jax.stages import artifacts, common, prepare, teach, teach_cache
+from recall_jax.stages import artifacts, common, paths, teach, teach_cache
 
 
 def _config(trainable_regex):
@@ -51,7 +51,7 @@ def _teach(prepared, tmp_path, regex, probe_every=0):
   os.symlink(os.path.join(prepared, "prepare"), os.path.join(workdir, "prepare"))  # share the world and base
   cfg = _config(regex)
   cfg.teach.probe_every = probe_every
-  assert common.foundation_checkpoint(cfg, workdir) == prepare.checkpoint_dir(cfg, workdir)
+  assert common.foundation_checkpoint(cfg, workdir) == paths.checkpoint_dir(cfg, workdir)
   main.run(cfg, workdir, ["teach"])
   manifest = artifacts.read_manifest(workdir, "teach")
   return cfg, workdir, manifest
@@ -68,7 +68,7 @@ def test_full_fine_tuning_writes_the_checkpoint_calibrate_uses(prepared, tmp_pat
   assert np.isfinite(manifest["last_train_metrics"]["loss"])
   assert os.path.exists(os.path.join(path, "tokenizer_config.json"))
   assert common.foundation_checkpoint(cfg, workdir) == path
-  base, taught = _params(prepare.checkpoint_dir(cfg, workdir)), _params(path)
+  base, taught = _params(paths.checkpoint_dir(cfg, workdir)), _params(path)
   assert base.keys() == taught.keys()
   for name in ("language_model.embed_tokens.embedding", "lm_head.kernel", "visual.patch_embed.proj.kernel"):
     assert not np.array_equal(base[name], taught[name]), name
@@ -77,7 +77,7 @@ def test_full_fine_tuning_writes_the_checkpoint_calibrate_uses(prepared, tmp_pat
 def test_lora_is_merged_into_the_targets_only(prepared, tmp_path):
   cfg, workdir, manifest = _teach(prepared, tmp_path, "")
   assert manifest["mode"].startswith("LoRA rank 4")
-  base, taught = _params(prepare.checkpoint_dir(cfg, workdir)), _params(manifest["checkpoint"])
+  base, taught = _params(paths.checkpoint_dir(cfg, workdir)), _params(manifest["checkpoint"])
   assert base.keys() == taught.keys()  # a plain checkpoint: adapters merged, none left
   changed = {k for k in base if not np.array_equal(base[k], taught[k])}
   assert changed and all(k.startswith("language_model.layers.") and k.endswith("_proj.kernel") for k in changed)
