@@ -1,7 +1,8 @@
 """Fault injection for the kill tests: with RECALL_KILL_AT="<point>:<n>", the process SIGKILLs itself the n-th
 time it reaches <point>. A real SIGKILL (no finally blocks, no flushes, no atexit), at a chosen place, so a test
 can check that a rerun resumes a stage to exactly the artifacts of an uninterrupted run. Unset: every point is a
-dictionary lookup and nothing else.
+dictionary lookup and nothing else. RECALL_KILL_SIGNAL=SIGTERM sends that signal instead (a preemption notice: the
+process goes on to its handler).
 
 Points: "train.step" (a training step dispatched, not finished), "checkpoint.write" (while Orbax writes a step's
 checkpoint: its temporary folder exists), "calibrate.write" (between the records of a batch in calibrate's
@@ -17,6 +18,7 @@ import threading
 import time
 
 ENV = "RECALL_KILL_AT"
+SIGNAL_ENV = "RECALL_KILL_SIGNAL"
 _hits: collections.Counter = collections.Counter()
 
 
@@ -33,11 +35,17 @@ def _armed(name: str) -> bool:
 
 
 def kill() -> None:
-  os.kill(os.getpid(), signal.SIGKILL)
+  name = os.environ.get(SIGNAL_ENV, "SIGKILL")
+  try:
+    sig = signal.Signals[name]
+  except KeyError:
+    raise ValueError(f"{SIGNAL_ENV}={name!r}: not a signal name (e.g. SIGKILL, SIGTERM)") from None
+  os.kill(os.getpid(), sig)
 
 
 def point(name: str) -> None:
-  """SIGKILLs the process when this is the visit of `name` that RECALL_KILL_AT names."""
+  """Signals the process (SIGKILL unless RECALL_KILL_SIGNAL) when this is the visit of `name` that RECALL_KILL_AT
+  names."""
   if _armed(name):
     kill()
 
@@ -54,6 +62,7 @@ def kill_when_appears(name: str, directory: str, marker: str = "tmp", timeout_s:
       try:
         if any(marker in entry for entry in os.listdir(directory)):
           kill()
+          return  # a signal the process survives (RECALL_KILL_SIGNAL) is sent once
       except FileNotFoundError:
         pass
       time.sleep(0.0002)

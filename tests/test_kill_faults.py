@@ -1,6 +1,7 @@
 """Kill for real: the main job's stages run in a subprocess that SIGKILLs itself (recall_jax/faults.py) during a
 training step, during an Orbax checkpoint write and during calibrate's partial writes; a plain rerun must then end
-with exactly the artifacts of an uninterrupted run. This is the promise a preempted VM relies on."""
+with exactly the artifacts of an uninterrupted run. This is the promise a preempted VM relies on. A SIGTERM (the
+preemption notice) mid-training leaves a checkpoint at the step reached, and the rerun again equals the straight run."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from recall_jax import faults
+from recall_jax.train import preemption
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = [
@@ -26,11 +28,13 @@ OVERRIDES = [
 ]
 
 
-def _run(workdir, stages, kill_at=None):
-  env = {k: v for k, v in os.environ.items() if k != faults.ENV}
+def _run(workdir, stages, kill_at=None, signal_name=None):
+  env = {k: v for k, v in os.environ.items() if k not in (faults.ENV, faults.SIGNAL_ENV)}
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"  # one device: the same program in every process
   if kill_at:
     env[faults.ENV] = kill_at
+  if signal_name:
+    env[faults.SIGNAL_ENV] = signal_name
   cmd = [sys.executable, "-m", "recall_jax.main", "--config", "configs/tiny.py", "--workdir", str(workdir),
          "--stages", stages, *OVERRIDES]
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -93,3 +97,18 @@ def test_a_sigkill_mid_stage_then_a_rerun_equals_the_uninterrupted_run(straight,
   if stages == "adapt":
     assert "resumed from step" in resumed.stderr
   _assert_equal(_artifacts(workdir, stages), _artifacts(straight, stages))
+
+
+def test_a_sigterm_mid_training_saves_the_step_reached_and_a_rerun_equals_the_uninterrupted_run(straight, tmp_path):
+  workdir = _linked(straight, tmp_path, ("prepare",))
+  # SIGTERM during step 3 (checkpoint_every = 2): only the preemption save can leave a checkpoint at step 3.
+  stopped = _run(workdir, "adapt", kill_at="train.step:3", signal_name="SIGTERM")
+  assert stopped.returncode == preemption.EXIT_CODE, stopped.stderr[-3000:]
+  assert "SIGTERM: stopped after step 3 and saved its checkpoint" in stopped.stderr
+  assert "Traceback" not in stopped.stderr
+  steps = sorted(int(p.name) for p in (workdir / "adapt" / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [2, 3], steps
+  assert not os.path.exists(workdir / "adapt" / "manifest.json")
+  resumed = _ok(_run(workdir, "adapt"))
+  assert "resumed from step 3" in resumed.stderr
+  _assert_equal(_artifacts(workdir, "adapt"), _artifacts(straight, "adapt"))

@@ -7,7 +7,8 @@ triplet), PEFT export); `recall_jax.stages.teach` builds the generative one (rec
 `fit` with it. An `Objective` names the trained parameters (an nnx filter: the adapters, or a regex over parameter
 paths); everything else is frozen (no gradients, no optimizer state). Checkpoints hold {trained params (under
 the key "adapters"), optimizer state, step, rng} plus the Grain iterator position; a restarted run resumes from
-the latest one. The only host syncs in the loop are at logging, checkpoint and evaluation intervals.
+the latest one. On SIGTERM the loop finishes the step, saves it and exits (`preemption.Preempted`). The only host
+syncs in the loop are at logging, checkpoint and evaluation intervals.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from recall_jax.train import step as step_lib
 from recall_jax.train.checkpoint import Checkpoints
 from recall_jax.train.logging import MetricWriter, Progress
 from recall_jax.train.optim import make_optimizer
+from recall_jax.train.preemption import Preempted, Preemption
 
 log = logging.getLogger("recall_jax")
 
@@ -184,8 +186,8 @@ def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: Config
     state, meta = ckpt.restore(_abstract(state), data_iterator=iterator)
     start = int(meta["step"])
     if start > t.steps:
-      raise ValueError(f"{os.path.join(out_dir, 'checkpoints')}: the checkpoint is at step {start}, past train.steps "
-                       f"= {t.steps}; use another out_dir (or keep the steps) instead of a run made for more steps")
+      raise ValueError(f"{ckpt.directory}: the checkpoint is at step {start}, past train.steps = {t.steps}; use "
+                       f"another out_dir (or keep the steps) instead of a run made for more steps")
     log.info("[train] resumed from step %d (%s)", start, ckpt.latest_step())
 
   train_step = objective.make_step(graphdef, tx)
@@ -195,43 +197,58 @@ def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: Config
   interval = None  # clu metrics of the current logging interval, accumulated on device
   last_metrics: dict = {}
   done_here = 0
-  for step in range(start, t.steps):
-    batch = next(iterator)
-    arrays, geometry = objective.host_batch(batch, step)
-    arrays = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-        parallel.batch_sharding(mesh, x.ndim), x), arrays)
-    # settle: a no-op but on multi-device CPU, where queued collective programs can deadlock.
-    state, metrics = parallel.settle(train_step(state, frozen, arrays, geometry))
-    faults.point("train.step")
-    step_metrics = _collection(tuple(metrics)).single_from_model_output(**metrics)
-    interval = step_metrics if interval is None else interval.merge(step_metrics)
-    done_here += 1
-    at_end = step + 1 == t.steps
-    if (step + 1) % t.log_every == 0 or at_end:
-      # The one host sync per logging interval: the interval's averages.
-      means = {k: float(v) for k, v in interval.compute().items()}
-      interval = None
-      last_metrics = means
-      writer.write(step + 1, means, prefix="train/", progress=progress.line(step + 1))
-    # Evaluate (and keep the best) before saving the step: a crash during the eval resumes from the checkpoint
-    # before it and evaluates this step again, as an uninterrupted run does (best saves overwrite by step).
-    if eval_fn is not None and ((step + 1) % t.eval_every == 0 or at_end):
-      scores = _evaluate(model, eval_fn, state["adapters"])
-      writer.write(step + 1, scores, prefix="val/")
-      if t.best_metric and ckpt.save_best(step + 1, state, scores):  # "": logged only, nothing selected
-        log.info("[train] new best %s=%.3f at step %d", t.best_metric, scores[t.best_metric], step + 1)
-    if (step + 1) % t.checkpoint_every == 0 or at_end:
-      ckpt.save(step + 1, state, data_iterator=iterator)
-    if stop_after and done_here >= stop_after and not at_end:
-      break
-  writer.close()
+  try:
+    with Preemption(ckpt.reached_preemption) as preemption:
+      for step in range(start, t.steps):
+        batch = next(iterator)
+        arrays, geometry = objective.host_batch(batch, step)
+        arrays = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+            parallel.batch_sharding(mesh, x.ndim), x), arrays)
+        # settle: a no-op but on multi-device CPU, where queued collective programs can deadlock.
+        state, metrics = parallel.settle(train_step(state, frozen, arrays, geometry))
+        faults.point("train.step")
+        step_metrics = _collection(tuple(metrics)).single_from_model_output(**metrics)
+        interval = step_metrics if interval is None else interval.merge(step_metrics)
+        done_here += 1
+        at_end = step + 1 == t.steps
+        if (step + 1) % t.log_every == 0 or at_end:
+          # The one host sync per logging interval: the interval's averages.
+          means = {k: float(v) for k, v in interval.compute().items()}
+          interval = None
+          last_metrics = means
+          writer.write(step + 1, means, prefix="train/", progress=progress.line(step + 1))
+        # Evaluate before saving the step, and save every evaluated step with its scores (the best is kept by the
+        # preservation policy): a crash during the eval resumes from the checkpoint before it and evaluates this
+        # step again, as an uninterrupted run does.
+        scores = None
+        if eval_fn is not None and ((step + 1) % t.eval_every == 0 or at_end):
+          scores = _evaluate(model, eval_fn, state["adapters"])
+          writer.write(step + 1, scores, prefix="val/")
+        preempted = preemption.reached(step + 1)
+        if scores is not None or preempted or (step + 1) % t.checkpoint_every == 0 or at_end:
+          ckpt.save(step + 1, state, data_iterator=iterator, metrics=scores)
+          if scores is not None and t.best_metric and ckpt.best_step() == step + 1:  # "": logged, not selected
+            log.info("[train] new best %s=%.3f at step %d", t.best_metric, scores[t.best_metric], step + 1)
+        if preempted:
+          log.warning("[train] SIGTERM: stopped after step %d and saved its checkpoint under %s; a rerun resumes "
+                      "from it", step + 1, ckpt.directory)
+          raise Preempted(step + 1, ckpt.directory)
+        if stop_after and done_here >= stop_after and not at_end:
+          break
+      if preemption.requested:  # SIGTERM after the last step's save: the run is complete on disk
+        raise Preempted(int(jax.device_get(state["step"])), ckpt.directory)
+  except BaseException:
+    ckpt.close()
+    raise
+  finally:
+    writer.close()
 
   best_step = ckpt.best_step()
   best_metrics = None
   final = state["adapters"]
   if best_step is not None:
-    best_state, meta = ckpt.restore(_abstract(state), best=True)
-    final, best_metrics = best_state["adapters"], meta.get("metrics")
+    best_state, _ = ckpt.restore(_abstract(state), step=best_step)
+    final, best_metrics = best_state["adapters"], ckpt.metrics(best_step)
   nnx.update(model, final)
   ckpt.close()
   model.eval()
