@@ -136,11 +136,6 @@ def question_prompt(question: str) -> str:
   return prompts.chat_prompt(None, prompts.picture_content(1, question), add_vision_id=True)
 
 
-def two_picture_prompt(template: str, text: str) -> str:
-  """The calibrate stage's prompt layout: Picture 1, Picture 2, then the filled template."""
-  return prompts.multi_image_prompt(prompt_files.fill(template, text), num_images=2)
-
-
 def minimal_segments(original: str, new: str) -> list[dict[str, str]]:
   """The shortest word-level segment list turning `original` into `new` under `parse.rebuild_from_spans`: the
   common leading and trailing words are kept, the middle replaced (one segment; the whole text when the middle's
@@ -300,7 +295,7 @@ def build_examples(queries: Sequence[Query], images: Mapping[str, str], cfg: SFT
         else:
           summary = two_picture_summary(oracle, q.reference, instance) if describe else None
           answer = rewrite_answer(text, new, summary)
-        out += [Example("rewrite", (q.reference, instance), two_picture_prompt(rewrite_t, text), answer, q.qid)]
+        out += [Example("rewrite", (q.reference, instance), prompt_files.two_picture_prompt(rewrite_t, text), answer, q.qid)]
       if "verify" in cfg.tasks:
         items = [(q.target, text), (instance, text), (instance, new), (q.target, new)]
         if cfg.prompt_mode == "staged_cot":  # the canonical wording F's staged rewrites are in
@@ -316,7 +311,7 @@ def build_examples(queries: Sequence[Query], images: Mapping[str, str], cfg: SFT
             if (change == asked) != yes:
               raise DataError(f"the verification reading of {q.qid!r} ({summary!r}) disagrees with oracle.judge")
           answer = decision_answer(summary, yes) if describe else "yes" if yes else "no"
-          out.append(Example("verify", (q.reference, candidate), two_picture_prompt(verify_t, t), answer, q.qid))
+          out.append(Example("verify", (q.reference, candidate), prompt_files.two_picture_prompt(verify_t, t), answer, q.qid))
   if not out:
     raise DataError(f"no SFT examples from {len(queries)} queries for tasks {cfg.tasks}")
   return out

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 
+from recall_jax.data import prompts
+
 PLACEHOLDER = "{text}"
 PACKAGED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 PACKAGED_SETS = {"compact": os.path.join(PACKAGED_DIR, "compact")}
@@ -46,3 +48,9 @@ def load_template(name: str, prompt_dir: str = "") -> str:
 
 def fill(template: str, text: str) -> str:
   return template.replace(PLACEHOLDER, text)
+
+
+def two_picture_prompt(template: str, text: str) -> str:
+  """Stage 3's prompt layout (rewrite and verification, at calibration and in teach's SFT data alike): the chat
+  prompt "Picture 1: <reference> Picture 2: <instance>", the filled template, then the assistant header."""
+  return prompts.multi_image_prompt(fill(template, text), num_images=2)

@@ -47,7 +47,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from recall_jax import faults, viz
-from recall_jax.data import pipeline, prompts, sft
+from recall_jax.data import pipeline, sft
 from recall_jax.data.image import load_image
 from recall_jax.data.synthetic import TextParseError
 from recall_jax.data.synthetic.oracle import Oracle
@@ -66,11 +66,6 @@ CORRECTIVE = "corrective.jsonl"
 SHEET = "calibrated.png"
 REWRITERS = ("model", "oracle")
 ORACLE_NO_EDIT = "oracle_no_edit"  # parse status when the oracle cannot express reference -> instance
-
-
-def two_picture_prompt(template: str, text: str) -> str:
-  """Chat prompt "Picture 1: <reference> Picture 2: <instance>" + the filled template + the assistant header."""
-  return prompts.multi_image_prompt(prompt_files.fill(template, text), num_images=2)
 
 
 def _fill(items: list, size: int) -> list:
@@ -129,7 +124,7 @@ class Calibrator:
 
   def inputs(self, template: str, items: Sequence[tuple[str, str, str]]) -> dict[str, np.ndarray]:
     """items: (reference, instance, text) -> model inputs of the filled template."""
-    return build_inputs(self.tokenizer, [two_picture_prompt(template, t) for _, _, t in items],
+    return build_inputs(self.tokenizer, [prompt_files.two_picture_prompt(template, t) for _, _, t in items],
                         [(r, i) for r, i, _ in items], self.load, self.encode_cfg, self.ccfg.prompt_lengths)
 
   def rewrite(self, items: Sequence[tuple[str, str, str]], rng: Optional[jax.Array]) -> tuple[list[str], list[int]]:
@@ -145,7 +140,7 @@ class Calibrator:
     """The verification prompt's decisions per item (calibrate.verify_reasoning), in batches of batch_size."""
     c = self.ccfg
     return decide.yes_probability(
-        self.sampler, self.tokenizer, [two_picture_prompt(template, t) for _, _, t in items],
+        self.sampler, self.tokenizer, [prompt_files.two_picture_prompt(template, t) for _, _, t in items],
         [(r, i) for r, i, _ in items], load=self.load, encode_cfg=self.encode_cfg, lengths=c.prompt_lengths,
         batch_size=c.batch_size, answer_words=c.answer_words, reasoning=c.verify_reasoning,
         max_new_tokens=c.describe_max_tokens)

@@ -12,7 +12,6 @@ from recall_jax.data.image import ImageBuckets
 from recall_jax.data.synthetic import Oracle
 from recall_jax.generate import parse, prompt_files
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
-from recall_jax.stages import calibrate
 
 LENGTHS = (128, 512, 1280)
 
@@ -67,9 +66,9 @@ def test_prompts_are_the_calibrate_stage_prompts(fashioniq_train, examples):
   verify_t = prompt_files.load_template(prompt_files.VERIFY_TEMPLATE)
   by_qid = {q.qid: q for q in queries}
   e = next(e for e in examples if e.task == "rewrite")
-  assert e.prompt == calibrate.two_picture_prompt(rewrite_t, prompts.join_captions(by_qid[e.source].captions))
+  assert e.prompt == prompt_files.two_picture_prompt(rewrite_t, prompts.join_captions(by_qid[e.source].captions))
   e = next(e for e in examples if e.task == "verify")
-  assert e.prompt == calibrate.two_picture_prompt(verify_t, prompts.join_captions(by_qid[e.source].captions))
+  assert e.prompt == prompt_files.two_picture_prompt(verify_t, prompts.join_captions(by_qid[e.source].captions))
 
 
 def test_labels_are_exactly_the_answer_tokens(fashioniq_train, examples):
@@ -217,7 +216,7 @@ def test_staged_rewrites_and_task_repeats(fashioniq_train):
   rewrites = [e for e in examples if e.task == "rewrite"]
   for e in rewrites:
     original = prompts.join_captions(by_qid[e.source].captions)
-    assert e.prompt == calibrate.two_picture_prompt(staged_t, original)
+    assert e.prompt == prompt_files.two_picture_prompt(staged_t, original)
     result = parse.parse_rewrite(e.answer, original, "staged_cot")
     assert result.reason == parse.OK and oracle.judge(e.images[0], result.text, e.images[1]), e.answer
     assert json.loads(e.answer)["captions"] == {"picture_1": oracle.describe(e.images[0]),

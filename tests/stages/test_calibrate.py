@@ -132,7 +132,7 @@ def test_staged_cot_statistics_vqa_and_oracle(mined, tmp_path):
     images.update(split.images)
   for s in (samples[0], samples[3]):
     inputs = calibrate.build_inputs(
-        tokenizer, [calibrate.two_picture_prompt(prompt_files.load_template("verify"), s["text"])],
+        tokenizer, [prompt_files.two_picture_prompt(prompt_files.load_template("verify"), s["text"])],
         [(s["reference"], s["instance"])], FileImages(images), common.encode_config(cfg), cfg.calibrate.prompt_lengths)
     logits = np.asarray(model(**inputs).logits, np.float64)[0, -1, [no_id, yes_id]]
     np.testing.assert_allclose(s["p_yes_holistic"], np.exp(logits[1]) / np.exp(logits).sum(), rtol=1e-5)
