@@ -82,8 +82,9 @@ class Embedder:
     from recall_jax.models import qwen2_5_vl
     model = qwen2_5_vl.from_pretrained(checkpoint_dir, dtype=dtype)
     if adapter_dir:
-      from recall_jax.models import lora
-      lora.import_peft(model, adapter_dir)
+      from recall_jax.models import lora, peft_io
+      from recall_jax.models.qwen2_5_vl import names as qwen_names
+      peft_io.import_peft(model, adapter_dir, names=qwen_names.PEFT_NAMES)
       lora.merge_lora(model)
     return cls(model, AutoTokenizer.from_pretrained(checkpoint_dir), **kw)
 

@@ -84,12 +84,13 @@ def trained_adapters(cfg: ConfigDict, workdir: str, stage: str) -> str:
 def load_retriever(cfg: ConfigDict, workdir: str, stage: str | None = None):
   """(model, tokenizer, adapter_dir): the base model (`foundation_checkpoint`) with the adapters of training stage
   `stage` merged in ("adapt", "refine", "round2/refine", ...; None: `latest_adapters`, base alone before Stage 1)."""
-  from recall_jax.models import lora
+  from recall_jax.models import lora, peft_io
+  from recall_jax.models.qwen2_5_vl import names as qwen_names
   stage = stage or latest_adapters(cfg, workdir)
   adapter_dir = trained_adapters(cfg, workdir, stage) if stage else None
   model, tokenizer = load_base_model(cfg, workdir)
   if adapter_dir:
-    lora.import_peft(model, adapter_dir)
+    peft_io.import_peft(model, adapter_dir, names=qwen_names.PEFT_NAMES)
     lora.merge_lora(model)
   return model, tokenizer, adapter_dir
 

@@ -16,7 +16,8 @@ import os
 from ml_collections import ConfigDict
 
 from recall_jax.data.records import Query
-from recall_jax.models import lora
+from recall_jax.models import peft_io
+from recall_jax.models.qwen2_5_vl import names as qwen_names
 from recall_jax.stages import adapt, artifacts, common
 
 log = logging.getLogger("recall_jax")
@@ -84,7 +85,8 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, round_num: int = 1) -> dict:
     rcfg.loss.infonce_weight = cfg.refine.infonce_weight
     rcfg.loss.margin = cfg.refine.margin
   model, tokenizer = common.load_base_model(cfg, workdir, mesh=common.training_mesh(cfg))
-  lora.import_peft(model, start_adapters)  # continue from R_base (or round r-1); the trainer starts a fresh optimizer
+  # Continue from R_base (or round r-1); the trainer starts a fresh optimizer.
+  peft_io.import_peft(model, start_adapters, names=qwen_names.PEFT_NAMES)
   manifest = adapt.train_on(rcfg, workdir, out, queries, adapt.merged_images(splits), grouped=cfg.refine.grouped,
                             model=model, tokenizer=tokenizer)
   manifest.update(mode=mode, grouped=bool(cfg.refine.grouped), original_triplets=len(originals),

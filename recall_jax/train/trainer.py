@@ -31,7 +31,8 @@ from ml_collections import ConfigDict
 from recall_jax import faults, parallel
 from recall_jax.data import pipeline
 from recall_jax.data.records import Query
-from recall_jax.models import lora
+from recall_jax.models import lora, peft_io
+from recall_jax.models.qwen2_5_vl import names as qwen_names
 from recall_jax.train import step as step_lib
 from recall_jax.train.checkpoint import Checkpoints
 from recall_jax.train.logging import MetricWriter, Progress
@@ -55,7 +56,7 @@ class TrainResult:
 
 def add_adapters(model, cfg: ConfigDict, seed: int) -> list[str]:
   c = cfg.lora
-  return lora.apply_lora(model, c.target_regex or lora.DEFAULT_TARGET_REGEX, rank=c.rank, alpha=c.alpha,
+  return lora.apply_lora(model, c.target_regex or qwen_names.LORA_TARGET_REGEX, rank=c.rank, alpha=c.alpha,
                          dropout=c.dropout, use_dora=c.use_dora, init=c.init,
                          rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
@@ -147,7 +148,9 @@ def train(cfg: ConfigDict, model, tokenizer, queries: Sequence[Query], *, datase
                sharding_rules=parallel.rules_from_config(cfg))
   adapter_dir = os.path.join(out_dir, "adapters")
   if result.steps == t.steps and jax.process_index() == 0:
-    lora.export_peft(model, adapter_dir)
+    # The base: the checkpoint the model was loaded from (the stages load common.foundation_checkpoint).
+    peft_io.export_peft(model, adapter_dir, names=qwen_names.PEFT_NAMES,
+                        base_model_name_or_path=getattr(model, "name_or_path", None))
   return TrainResult(steps=result.steps, adapter_dir=adapter_dir, best_step=result.best_step,
                      best_metrics=result.best_metrics, last_metrics=result.last_metrics,
                      compilations=result.compilations)

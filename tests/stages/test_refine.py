@@ -55,7 +55,7 @@ def trained(monkeypatch, tmp_path):
   """Runs refine with the model load and the trainer stubbed: returns what the trainer was given."""
   calls = []
   monkeypatch.setattr(common, "load_base_model", lambda *a, **k: (None, None))
-  monkeypatch.setattr(refine.lora, "import_peft", lambda model, path: None)
+  monkeypatch.setattr(refine.peft_io, "import_peft", lambda model, path, names: None)
 
   def train_on(cfg, workdir, out, queries, images, *, grouped, model=None, tokenizer=None):
     calls.append({"cfg": cfg, "queries": list(queries), "grouped": grouped})

@@ -6,10 +6,10 @@ sharding, into a model created abstractly (nnx.eval_shape) so nothing is allocat
 
 Key names: hub names (`model.layers.*`, `model.embed_tokens`, `model.norm`, `visual.*`, `lm_head.weight`) and
 transformers-5 in-memory names (`model.language_model.*`, `model.visual.*`) both map onto the module paths
-(`language_model.*`, `visual.*`, `lm_head`), which mirror the HF names. Per module type: nnx.Linear `kernel` =
-torch weight.T (the Conv3d patch embedding is flattened first), nnx.Embed `embedding` = weight, other params
-(RMSNorm `weight`) as they are. Tied-embedding checkpoints have no lm_head.weight (a redundant copy is skipped, as
-transformers does).
+(`language_model.*`, `visual.*`, `lm_head`) through `recall_jax.models.qwen2_5_vl.names`. Per module type:
+nnx.Linear `kernel` = torch weight.T (the Conv3d patch embedding is flattened first), nnx.Embed `embedding` =
+weight, other params (RMSNorm `weight`) as they are. Tied-embedding checkpoints have no lm_head.weight (a
+redundant copy is skipped, as transformers does).
 
 Parameter paths for sharding rules are the NNX paths joined by "/", e.g.
 "language_model/layers/0/self_attn/q_proj/kernel".
@@ -32,21 +32,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import DTypeLike
 
 from recall_jax import parallel
+from recall_jax.models.qwen2_5_vl import names
 from recall_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from recall_jax.models.qwen2_5_vl.model import Qwen25VLModel
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-
-# HF key prefix -> module-path prefix; first match wins (transformers-5 names before the hub's bare "model.").
-_PREFIXES = (
-    ("model.language_model.", "language_model."),
-    ("model.visual.", "visual."),
-    ("model.", "language_model."),
-    ("visual.", "visual."),
-    ("lm_head.", "lm_head."),
-)
 
 Path = tuple[str | int, ...]
 Shardings = Callable[[str], PartitionSpec] | Sequence[tuple[str, Sequence[str | None]]]
@@ -163,12 +154,10 @@ def _conv_shapes(cfg: Qwen25VLConfig) -> dict[Path, tuple[int, ...]]:
 
 def hf_key_to_param_path(key: str, model: nnx.Module) -> tuple[Path, bool] | None:
   """(NNX param path, transpose?) for an HF key, or None when the model has no such parameter."""
-  for hf_prefix, module_prefix in _PREFIXES:
-    if key.startswith(hf_prefix):
-      parts = _split_path(module_prefix + key[len(hf_prefix):])
-      break
-  else:
+  dotted = names.nnx_path(key)
+  if dotted is None:
     return None
+  parts = _split_path(dotted)
   module_path, name = parts[:-1], parts[-1]
   module = _module_at(model, module_path)
   if isinstance(module, nnx.Linear):
@@ -186,10 +175,7 @@ def param_path_to_hf_key(path: Path) -> str:
   """Hub key name of an NNX param path (the names transformers' save_pretrained writes)."""
   *module, attr = (str(p) for p in path)
   name = {"kernel": "weight", "embedding": "weight"}.get(attr, attr)
-  dotted = ".".join([*module, name])
-  if dotted.startswith("language_model."):
-    return "model." + dotted[len("language_model."):]
-  return dotted
+  return names.hf_name(".".join([*module, name]), names.HUB)
 
 
 def _to_nnx_layout(arr: np.ndarray, transpose: bool, key: str, file: str, target_shape: tuple[int, ...],
@@ -230,6 +216,8 @@ def from_pretrained(checkpoint_dir: str, dtype: DTypeLike = jnp.float32, mesh: M
   mesh: place every parameter on this mesh; shardings: a callable param-path -> PartitionSpec, or regex rules
   [(pattern, spec), ...] (first re.search match wins, see recall_jax.parallel), default replicated.
   config_overrides: Qwen25VLConfig fields to replace, e.g. position_mode="sequential".
+  The model's `name_or_path` is `checkpoint_dir` (as transformers' PreTrainedModel.name_or_path): the base that
+  PEFT exports of adapters trained on it name.
   """
   if shardings is not None and mesh is None:
     raise ValueError("from_pretrained: shardings given without a mesh")
@@ -262,7 +250,9 @@ def from_pretrained(checkpoint_dir: str, dtype: DTypeLike = jnp.float32, mesh: M
                    f"({len(missing)} in all)")
   for param_path, variable in targets.items():
     variable.set_value(loaded[param_path])
-  return nnx.merge(graphdef, nnx.from_flat_state(targets))
+  model = nnx.merge(graphdef, nnx.from_flat_state(targets))
+  model.name_or_path = checkpoint_dir
+  return model
 
 
 # ---------------------------------------------------------------------------------------------------------------
