@@ -9,7 +9,9 @@ transformers-5 in-memory names (`model.language_model.*`, `model.visual.*`) both
 (`language_model.*`, `visual.*`, `lm_head`) through `recall_jax.models.qwen2_5_vl.names`. Per module type:
 nnx.Linear `kernel` = torch weight.T (the Conv3d patch embedding is flattened first), nnx.Embed `embedding` =
 weight, other params (RMSNorm `weight`) as they are. Tied-embedding checkpoints have no lm_head.weight (a
-redundant copy is skipped, as transformers does).
+redundant copy is skipped, as transformers does). The writer adds preprocessor_config.json, so transformers'
+AutoImageProcessor preprocesses for a written checkpoint as `recall_jax.data.image` does (AutoProcessor also
+builds Qwen2.5-VL's video processor, which needs torchvision: not a dependency here).
 
 Parameter paths for sharding rules are the NNX paths joined by "/", e.g.
 "language_model/layers/0/self_attn/q_proj/kernel".
@@ -32,12 +34,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import DTypeLike
 
 from recall_jax import parallel
+from recall_jax.data import image
 from recall_jax.models.qwen2_5_vl import names
 from recall_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from recall_jax.models.qwen2_5_vl.model import Qwen25VLModel
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 Path = tuple[str | int, ...]
 Shardings = Callable[[str], PartitionSpec] | Sequence[tuple[str, Sequence[str | None]]]
@@ -259,9 +263,40 @@ def from_pretrained(checkpoint_dir: str, dtype: DTypeLike = jnp.float32, mesh: M
 # saving
 
 
-def save_pretrained(model: Qwen25VLModel, checkpoint_dir: str) -> None:
-  """Writes config.json (nested transformers-5 layout) and model.safetensors with hub key names, in the params'
-  dtype; transformers' Qwen2_5_VLForConditionalGeneration.from_pretrained reads the result."""
+def preprocessor_config(cfg: Qwen25VLConfig, *, min_pixels: int = image.MIN_PIXELS,
+                        max_pixels: int = image.MAX_PIXELS) -> dict[str, Any]:
+  """preprocessor_config.json for transformers' Qwen2-VL image processor (both backends), describing the
+  preprocessing of `recall_jax.data.image.preprocess_images` with these pixel bounds for a model of config `cfg`.
+
+  transformers 5 reads the pixel bounds from `size` (shortest_edge / longest_edge: areas, not edges); the
+  top-level min_pixels / max_pixels (which override `size` when present) say the same for readers of those keys.
+  """
+  v = cfg.vision
+  return {
+      "image_processor_type": "Qwen2VLImageProcessor",
+      "processor_class": "Qwen2_5_VLProcessor",
+      "do_convert_rgb": True,
+      "do_resize": True,
+      "resample": int(image.RESAMPLE),
+      "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+      "min_pixels": min_pixels,
+      "max_pixels": max_pixels,
+      "do_rescale": True,
+      "rescale_factor": 1 / 255,
+      "do_normalize": True,
+      "image_mean": list(image.OPENAI_CLIP_MEAN),
+      "image_std": list(image.OPENAI_CLIP_STD),
+      "patch_size": v.patch_size,
+      "temporal_patch_size": v.temporal_patch_size,
+      "merge_size": v.spatial_merge_size,
+  }
+
+
+def save_pretrained(model: Qwen25VLModel, checkpoint_dir: str, *, min_pixels: int = image.MIN_PIXELS,
+                    max_pixels: int = image.MAX_PIXELS) -> None:
+  """Writes config.json (nested transformers-5 layout), model.safetensors with hub key names, in the params'
+  dtype, and preprocessor_config.json (`preprocessor_config`, with these pixel bounds); transformers'
+  Qwen2_5_VLForConditionalGeneration.from_pretrained and AutoImageProcessor.from_pretrained read the result."""
   os.makedirs(checkpoint_dir, exist_ok=True)
   conv_shapes = _conv_shapes(model.cfg)
   tensors = {}
@@ -277,4 +312,6 @@ def save_pretrained(model: Qwen25VLModel, checkpoint_dir: str) -> None:
   config["dtype"] = str(next(iter(tensors.values())).dtype)
   with open(os.path.join(checkpoint_dir, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
+  with open(os.path.join(checkpoint_dir, PREPROCESSOR_CONFIG), "w") as f:
+    json.dump(preprocessor_config(model.cfg, min_pixels=min_pixels, max_pixels=max_pixels), f, indent=2)
   write_safetensors(os.path.join(checkpoint_dir, SAFETENSORS_FILE), dict(sorted(tensors.items())))

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from transformers import Qwen2_5_VLForConditionalGeneration
+from PIL import Image
+from transformers import AutoImageProcessor, Qwen2_5_VLForConditionalGeneration
 
 from recall_jax import parallel
+from recall_jax.data.image import preprocess_images
 from recall_jax.models.qwen2_5_vl import Qwen25VLModel, from_pretrained, save_pretrained, tiny_config
 from recall_jax.models.qwen2_5_vl.params import SafetensorsFile, write_safetensors
 from tests.models.qwen2_5_vl import reference as ref
@@ -228,3 +230,22 @@ def test_save_pretrained_keeps_bf16(untied, tmp_path):
   assert {st.read(k).dtype for k in st.keys()} == {np.dtype(ml_dtypes.bfloat16)}
   assert st.read("visual.patch_embed.proj.weight").shape == (32, 3, 2, 14, 14)
   assert_same_params(from_pretrained(str(tmp_path), dtype=jnp.bfloat16), model)
+
+
+def test_save_pretrained_preprocessor_config_gives_our_pixels_in_transformers(tmp_path):
+  cfg = tiny_config(**SMALL)
+  save_pretrained(Qwen25VLModel(cfg, rngs=nnx.Rngs(0)), str(tmp_path))
+  processor = AutoImageProcessor.from_pretrained(str(tmp_path))
+  assert type(processor).__name__.startswith("Qwen2VLImageProcessor")
+  # 90 x 130 is smart-resized (to 84 x 140); the alpha channel is composited on white.
+  rgba = np.random.default_rng(0).integers(0, 256, (90, 130, 4), dtype=np.uint8)
+  image = Image.fromarray(rgba)
+  want_pixels, want_grid = preprocess_images([image])
+  got = processor(images=[image], return_tensors="np")
+  np.testing.assert_array_equal(got["image_grid_thw"], want_grid)
+  assert want_grid.tolist() == [[1, 6, 10]]
+  np.testing.assert_array_equal(got["pixel_values"], want_pixels)
+  # The bounds are areas: a large image is scaled under max_pixels the same way by both.
+  big = Image.fromarray(rgba[..., :3]).resize((900, 650))
+  np.testing.assert_array_equal(processor(images=[big], return_tensors="np")["pixel_values"],
+                                preprocess_images([big])[0])
