@@ -3,15 +3,19 @@
 Embedding = the final-norm hidden state at the last token of the prompt (the appended <|endoftext|>),
 L2-normalised, in fp32. Query prompt = reference image + modification instruction; target prompt = image only.
 
-    embedder = Embedder.from_pretrained(checkpoint_dir, adapter_dir=None, dataset="cirr")
+    embedder = Embedder.from_pretrained("runs/cirr_7b/refine/adapters")  # base + preprocessing: recall_config.json
     q = embedder.encode_query(["ref.png"], ["is red with long sleeves"])
-    g = embedder.encode_target(gallery_paths)
+    g = embedder.encode_target(gallery_paths, cache_dir="~/.cache/recall_jax/gallery")
     indices, scores = embedder.search(q, g, k=10)
+
+Images are read and decoded batch by batch (Grain, fixed-shape batches), through the same encoding functions the
+stages evaluate with (`eval.encode`), so an Embedder from a stage's adapters embeds as that stage did.
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
+import os
 from typing import Any, Optional, Sequence
 
 import jax
@@ -20,9 +24,11 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from recall_jax import recall_config
 from recall_jax.data import pipeline, prompts
-from recall_jax.data.image import ImageBuckets, load_image
-from recall_jax.data.records import Query
+from recall_jax.data.image import load_image
+from recall_jax.data.records import CIRSplit, Query
+from recall_jax.eval import embedding_cache
 
 
 def pool_last_token(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -59,66 +65,134 @@ def side_inputs(model, batch: dict[str, np.ndarray], prefix: str) -> dict[str, A
   return model.prepare(batch[f"{prefix}_input_ids"], batch[f"{prefix}_attention_mask"], grids, pixel_values)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _embed_jit(graphdef, state, inputs):
-  return embed(nnx.merge(graphdef, state), inputs)
+class _Images:
+  """Image name (the item's index) -> PIL image, decoded only when its batch is encoded."""
+
+  def __init__(self, images: Sequence[Any]):
+    self.images = list(images)
+
+  def __call__(self, name: str) -> Image.Image:
+    image = self.images[int(name)]
+    return image if isinstance(image, Image.Image) else load_image(os.fspath(image))
+
+
+def _state_digest(model) -> str:
+  """Digest of every weight of `model` (for an Embedder built from a model object, which has no files)."""
+  h = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(nnx.state(model))[0], key=lambda kv: str(kv[0])):
+    a = np.asarray(jax.device_get(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}{a.dtype}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
 
 
 class Embedder:
-  """Load a base checkpoint (+ adapters), embed queries or a gallery, search top-k."""
+  """A base checkpoint (+ merged adapters) with the preprocessing it embeds with: queries, a gallery, top-k search.
 
-  def __init__(self, model, tokenizer, *, dataset: str = "cirr", encode: Optional[pipeline.EncodeConfig] = None,
-               batch_size: int = 16, mesh=None):
-    self.model, self.tokenizer, self.dataset = model, tokenizer, dataset
-    self.encode = encode or pipeline.EncodeConfig(
-        image_buckets=ImageBuckets.square(224), query_lengths=(128, 256), target_lengths=(128,))
+  The plain constructor takes the model and every preprocessing setting explicitly; `from_pretrained` reads them
+  from the adapters' recall_config.json. `identity` describes where the weights came from (for cache keys); None
+  hashes the weights themselves when a cache needs it.
+  """
+
+  def __init__(self, model, tokenizer, *, encode: pipeline.EncodeConfig, dataset: str, batch_size: int = 16,
+               mesh=None, identity: Optional[dict] = None):
+    if dataset not in prompts.QUERY_INSTRUCTIONS:
+      raise ValueError(f"Embedder dataset must be one of {sorted(prompts.QUERY_INSTRUCTIONS)}, got {dataset!r}")
+    self.model, self.tokenizer, self.dataset, self.encode = model, tokenizer, dataset, encode
     self.batch_size, self.mesh = batch_size, mesh
+    self._identity = identity
 
   @classmethod
-  def from_pretrained(cls, checkpoint_dir: str, *, adapter_dir: Optional[str] = None, dtype=jnp.float32,
-                      **kw) -> "Embedder":
+  def from_pretrained(cls, adapter_dir: str, *, checkpoint: Optional[str] = None, dtype: Optional[str] = None,
+                      position_mode: Optional[str] = None, dataset: Optional[str] = None,
+                      encode: Optional[pipeline.EncodeConfig] = None, batch_size: Optional[int] = None,
+                      mesh=None) -> "Embedder":
+    """The adapters of `adapter_dir` merged into their base, embedding with the preprocessing they were trained with
+    (recall_config.json beside them; a missing file raises naming it). A keyword given here overrides the file:
+    checkpoint (the base, e.g. moved), dtype ("float32" / "bfloat16"), position_mode, dataset, encode, batch_size
+    (default: the run's eval batch size)."""
     from transformers import AutoTokenizer
 
-    from recall_jax.models import qwen2_5_vl
-    model = qwen2_5_vl.from_pretrained(checkpoint_dir, dtype=dtype)
-    if adapter_dir:
-      from recall_jax.models import lora, peft_io
-      from recall_jax.models.qwen2_5_vl import names as qwen_names
-      peft_io.import_peft(model, adapter_dir, names=qwen_names.PEFT_NAMES)
-      lora.merge_lora(model)
-    return cls(model, AutoTokenizer.from_pretrained(checkpoint_dir), **kw)
+    from recall_jax.models import lora, peft_io, qwen2_5_vl
+    from recall_jax.models.qwen2_5_vl import names as qwen_names
+    from recall_jax.stages import common
+    rc = recall_config.read(adapter_dir)
+    checkpoint = checkpoint or rc.base_checkpoint
+    dtype = dtype or rc.dtype
+    position_mode = position_mode or rc.position_mode
+    if dtype not in common.DTYPES:
+      raise ValueError(f"Embedder.from_pretrained dtype must be one of {sorted(common.DTYPES)}, got {dtype!r}")
+    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+      raise FileNotFoundError(f"base checkpoint {checkpoint} (base_checkpoint of "
+                              f"{os.path.join(adapter_dir, recall_config.FILENAME)}) has no config.json: pass "
+                              "checkpoint= where the base now is")
+    model = qwen2_5_vl.from_pretrained(checkpoint, dtype=common.DTYPES[dtype], position_mode=position_mode)
+    peft_io.import_peft(model, adapter_dir, names=qwen_names.PEFT_NAMES)
+    lora.merge_lora(model)
+    identity = {
+        "checkpoint": [embedding_cache.file_stamp(os.path.join(checkpoint, f)) for f in sorted(os.listdir(checkpoint))
+                       if os.path.isfile(os.path.join(checkpoint, f))],
+        "adapters": {f: embedding_cache.file_digest(os.path.join(adapter_dir, f)) for f in
+                     (peft_io.ADAPTER_CONFIG, peft_io.ADAPTER_WEIGHTS)},
+        "dtype": dtype, "position_mode": position_mode}
+    return cls(model, AutoTokenizer.from_pretrained(checkpoint), encode=encode or rc.encode,
+               dataset=dataset or rc.dataset, batch_size=batch_size or rc.eval_batch_size, mesh=mesh,
+               identity=identity)
 
-  def _run(self, prefix: str, texts: Sequence[str], images: Sequence[Any]) -> np.ndarray:
-    from recall_jax.eval.retrieval import embed_in_batches
-    loaded = [im if isinstance(im, Image.Image) else load_image(im) for im in images]
-    lengths = self.encode.query_lengths if prefix == "query" else self.encode.target_lengths
-    graphdef, state = nnx.split(self.model)
+  def fingerprint_parts(self) -> dict:
+    """What embeddings of this Embedder depend on besides the images: the model and the preprocessing."""
+    if self._identity is None:
+      self._identity = {"weights": _state_digest(self.model)}
+    return {"model": self._identity, "encode": recall_config.encode_to_dict(self.encode), "dataset": self.dataset,
+            "prompts": recall_config.prompt_templates(self.dataset)}
 
-    def encode_batch(index: np.ndarray) -> dict[str, np.ndarray]:
-      idx = [int(i) for i in index]
-      return pipeline.encode_side(prefix, self.tokenizer, [texts[i] for i in idx], [str(i) for i in idx],
-                                  lambda name: loaded[int(name)], lengths, self.encode)
+  def _split(self, images: Sequence[Any], queries: Sequence[Query] = ()) -> CIRSplit:
+    names = tuple(str(i) for i in range(len(images)))
+    return CIRSplit(dataset=self.dataset, split="given", queries=tuple(queries),
+                    images={n: "<PIL image>" if isinstance(im, Image.Image) else os.fspath(im)
+                            for n, im in zip(names, images)},
+                    gallery=() if queries else names)
 
-    def embed_fn(index):
-      batch = encode_batch(np.asarray(index))
-      return _embed_jit(graphdef, state, side_inputs(self.model, batch, prefix))
-
-    return embed_in_batches(embed_fn, np.arange(len(loaded)), self.batch_size, mesh=None)
+  def _kw(self, images: Sequence[Any]) -> dict:
+    return dict(tokenizer=self.tokenizer, encode_cfg=self.encode, batch_size=self.batch_size, load=_Images(images),
+                mesh=self.mesh)
 
   def encode_query(self, images: Sequence[Any], texts: Sequence[str], *, category: Optional[str] = None,
                    captions: Optional[Sequence[Sequence[str]]] = None) -> np.ndarray:
     """Query embeddings (N, H). `texts` are modification texts (FashionIQ: pass `captions` pairs instead)."""
+    from recall_jax.eval import encode
     if captions is None:
       captions = [(t,) for t in texts]
     if len(captions) != len(images):
       raise ValueError(f"encode_query: {len(images)} images but {len(captions)} texts")
-    prompts_ = [pipeline.query_text(self.dataset, Query(qid=str(i), reference=str(i), captions=tuple(c),
-                                                        category=category), self.encode)
-                for i, c in enumerate(captions)]
-    return self._run("query", prompts_, images)
+    queries = [Query(qid=str(i), reference=str(i), captions=tuple(c), category=category)
+               for i, c in enumerate(captions)]
+    return encode.encode_queries(self.model, self._split(images, queries), **self._kw(images))
 
-  def encode_target(self, images: Sequence[Any]) -> np.ndarray:
-    return self._run("target", [prompts.target_prompt()] * len(images), images)
+  def encode_target(self, images: Sequence[Any], *, cache_dir: Optional[str] = None) -> np.ndarray:
+    """Gallery embeddings (N, H) of image paths or PIL images. With `cache_dir`, embeddings are reused when the
+    model, the preprocessing and the images (paths, sizes, mtimes / pixels) are all the same."""
+    from recall_jax.eval import encode
+    if cache_dir:
+      cache_dir = os.path.expanduser(cache_dir)
+      parts = {**self.fingerprint_parts(), "gallery": embedding_cache.gallery_identity(images),
+               "count": len(images)}
+      cached = embedding_cache.load(cache_dir, parts, len(images))
+      if cached is not None:
+        return cached
+    emb = encode.encode_gallery(self.model, self._split(images), **self._kw(images))
+    if cache_dir:
+      embedding_cache.store(cache_dir, parts, emb)
+    return emb
+
+  def encode_split(self, split: CIRSplit,
+                   load: Optional[pipeline.ImageLoader] = None) -> tuple[np.ndarray, np.ndarray]:
+    """(query, gallery) embeddings of a dataset split, exactly as the evaluate stage computes them. `load` reads its
+    images (default: the files of `split.images`); for a built ArrayRecord split, pass the ImageRecords of
+    `split, load = tfds_builders.load_built_split(data_dir, config, name)`."""
+    from recall_jax.eval import encode
+    return encode.encode_split(self.model, split, tokenizer=self.tokenizer, encode_cfg=self.encode,
+                               batch_size=self.batch_size, load=load, mesh=self.mesh)
 
   @staticmethod
   def search(query_emb: np.ndarray, gallery_emb: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 from ml_collections import ConfigDict
 
+from recall_jax import recall_config
 from recall_jax.data import pipeline
 from recall_jax.data.records import CIRSplit, Query
 from recall_jax.eval import encode, retrieval
@@ -64,4 +65,6 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
   manifest = train_on(cfg, workdir, out, queries, merged_images(splits), grouped=False)
   # The base these adapters belong to (R_base starts from F): checked whenever they are merged again.
   manifest["base_checkpoint"] = common.foundation_checkpoint(cfg, workdir)
+  # Beside the adapters, the preprocessing they were trained with, for Embedder.from_pretrained.
+  recall_config.write(manifest["adapter_dir"], cfg, "adapt", manifest["base_checkpoint"])
   return manifest

@@ -15,6 +15,7 @@ import os
 
 from ml_collections import ConfigDict
 
+from recall_jax import recall_config
 from recall_jax.data.records import Query
 from recall_jax.models import peft_io
 from recall_jax.models.qwen2_5_vl import names as qwen_names
@@ -95,4 +96,6 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, round_num: int = 1) -> dict:
                   triplet_weight=rcfg.loss.triplet_weight,
                   initialised_from=start_adapters, round=round_num,
                   base_checkpoint=common.foundation_checkpoint(cfg, workdir))
+  recall_config.write(manifest["adapter_dir"], cfg, artifacts.round_stage("refine", round_num),
+                      manifest["base_checkpoint"])  # the preprocessing, for Embedder.from_pretrained
   return manifest
