@@ -164,7 +164,7 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
                        encode_cfg=common.encode_config(cfg), cfg=scfg, seed=cfg.seed)
   objective = trainer.Objective(
       trainable=params, dataset=ds,
-      host_batch=lambda batch, step: generative.host_batch(model.cfg, batch, step_seed=cfg.seed * 7919 + step),
+      host_batch=lambda batch: generative.host_batch(model.cfg, batch),
       make_step=generative.make_train_step)
   result = trainer.fit(model, objective, train_cfg=_loop_config(t), optim_cfg=t.optim, seed=cfg.seed, out_dir=out,
                        mesh=parallel.make_mesh(tuple(cfg.mesh.shape)),

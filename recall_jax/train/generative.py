@@ -25,7 +25,7 @@ from flax import nnx
 from recall_jax.data.sft import IGNORE
 from recall_jax.models.qwen2_5_vl.positions import position_ids_for
 from recall_jax.train import step as step_lib
-from recall_jax.train.step import reseeded
+from recall_jax.train.step import reseeded, step_key
 
 
 def next_token_loss(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None
@@ -58,11 +58,8 @@ def params_matching(regex: str):
   return match
 
 
-def host_batch(model_cfg, batch: dict[str, np.ndarray], *, step_seed: int
-               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """An SFT batch -> (per-example arrays, vision geometry of its B * k images). All images must share one bucket.
-
-  `step_seed` seeds the dropout keys (LoRA dropout), one per example."""
+def host_batch(model_cfg, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """An SFT batch -> (per-example arrays, vision geometry of its B * k images). All images must share one bucket."""
   grids = np.asarray(batch["image_grid_thw"])
   b, k = grids.shape[:2]
   flat = grids.reshape(-1, 3)
@@ -79,7 +76,6 @@ def host_batch(model_cfg, batch: dict[str, np.ndarray], *, step_seed: int
                                  batch["labels"] != IGNORE, np.float32),
       "position_ids": np.swapaxes(position_ids_for(model_cfg, ids, mask, flat), 0, 1).astype(np.int32),
       "pixel_values": np.asarray(batch["pixel_values"][:, :, :patches], np.float32).reshape(b, k * patches, -1),
-      "seed": (np.uint32(step_seed) * np.uint32(1_000_003) + np.arange(b, dtype=np.uint32)).astype(np.uint32),
   }
   return arrays, step_lib.batch_geometry(model_cfg.vision, tuple(int(g) for g in flat[0]), b * k)
 
@@ -93,15 +89,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation):
   """Returns jitted step(state, frozen, batch, geometry) -> (state, metrics); `state` is donated.
 
   graphdef / frozen come from `nnx.split(model, trainable, nnx.RngState, ...)`: frozen = (rng_state, rest);
-  state = {"adapters": pure dict of the trained params, "opt_state", "step", "rng"} (the trainer's layout).
+  state = {"adapters": pure dict of the trained params, "opt_state", "step", "rng"} (the trainer's layout). Dropout
+  (LoRA's) is per batch: the model's streams restart from `step_key(state)`, the carried key folded with the step.
   """
 
   @functools.partial(jax.jit, donate_argnums=0)
   def step(state, frozen, batch, geometry):
     rng_state, rest = frozen
+    key = step_key(state)
 
     def loss_fn(params):
-      model = nnx.merge(graphdef, params, reseeded(rng_state, jax.random.key(batch["seed"][0])), rest)
+      model = nnx.merge(graphdef, params, reseeded(rng_state, key), rest)
       return next_token_loss(logits(model, batch, geometry), batch["labels"], batch["loss_weights"])
 
     params = state["adapters"]

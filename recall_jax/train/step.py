@@ -57,12 +57,12 @@ def batch_geometry(vision_cfg, grid: tuple[int, int, int], images: int) -> dict[
   return vision_geometry(np.asarray([grid] * images, np.int64), vision_cfg)
 
 
-def host_batch(model_cfg, batch: dict[str, np.ndarray], *, images_per_call: int, step_seed: int
+def host_batch(model_cfg, batch: dict[str, np.ndarray], *, images_per_call: int
                ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
   """A pipeline batch -> (per-example arrays, vision geometry per side for `images_per_call` images).
 
   All images of a side must share one bucket (one grid), so the pixel rows of a chunk concatenate exactly like the
-  HF processor's. `step_seed` seeds the per-example dropout keys (identical in both GradCache passes)."""
+  HF processor's."""
   out: dict[str, Any] = {}
   geometry = {}
   for side in SIDES:
@@ -79,12 +79,10 @@ def host_batch(model_cfg, batch: dict[str, np.ndarray], *, images_per_call: int,
         "pixel_values": np.asarray(batch[f"{side}_pixel_values"][:, :patches], np.float32),
     }
     geometry[side] = batch_geometry(model_cfg.vision, tuple(int(g) for g in grids[0]), images_per_call)
-  b = len(batch["valid"])
   out["valid"] = np.asarray(batch["valid"], bool)
   out["query_valid"] = np.asarray(batch.get("query_valid", batch["valid"]), bool)
   out["target_ids"] = np.asarray(batch["target_ids"], np.int32)
   out["group_ids"] = np.asarray(batch["group_ids"], np.int32)
-  out["seed"] = (np.uint32(step_seed) * np.uint32(1_000_003) + np.arange(b, dtype=np.uint32)).astype(np.uint32)
   return out, geometry
 
 
@@ -103,6 +101,12 @@ def embed_side(model, side: dict[str, jax.Array], geometry: dict[str, jax.Array]
   return embed.embed(model, model_inputs(side, geometry))
 
 
+def step_key(state) -> jax.Array:
+  """The step's key: the carried state["rng"] (key data, checkpointed) folded with state["step"] on device, so
+  every step draws new randomness and a resumed run the same as an uninterrupted one."""
+  return jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+
 def reseeded(rng_state, key: jax.Array):
   """The model's RNG streams restarted from `key` (each stream its own fold): randomness as data, not mutation."""
   leaves, treedef = jax.tree.flatten(rng_state)
@@ -112,29 +116,31 @@ def reseeded(rng_state, key: jax.Array):
 
 
 def make_grad_fn(graphdef: nnx.GraphDef, loss_cfg: LossConfig, *, num_chunks: int = 1):
-  """Returns grad_fn(adapters, frozen, batch, geometry) -> ((loss, metrics), grads), not jitted.
+  """Returns grad_fn(adapters, frozen, batch, geometry, key) -> ((loss, metrics), grads), not jitted.
 
   The gradient of the contrastive loss w.r.t. the adapters (a pure dict of the LoRA params), plain or, with
   num_chunks > 1, GradCache's (the geometry must then be for B / num_chunks images); `frozen` = (rng_state, base)
-  from `nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)`. Dropout keys come from the batch's per-example seeds
-  (one per chunk), so both GradCache passes see the same masks.
+  from `nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)`. Dropout is per chunk (one model call draws one mask
+  over its chunk): the model's streams restart from fold_in(key, chunk index), the same in both GradCache passes;
+  the plain gradient is chunk 0's.
   """
 
-  def embed_fn(adapters, frozen, geometry, sub):
+  def embed_fn(adapters, frozen, geometry, sub, key):
     rng_state, base = frozen
-    model = nnx.merge(graphdef, adapters, reseeded(rng_state, jax.random.key(sub["seed"][0])), base)
+    model = nnx.merge(graphdef, adapters, reseeded(rng_state, key), base)
     return embed_side(model, sub["query"], geometry["query"]), embed_side(model, sub["target"], geometry["target"])
 
   def loss_fn(q, t, batch):
     return contrastive_loss(q, t, batch, loss_cfg)
 
-  def grad_fn(adapters, frozen, batch, geometry):
+  def grad_fn(adapters, frozen, batch, geometry, key):
     if num_chunks > 1:
-      return gradcache.gradcache_grads(lambda p, sub: embed_fn(p, frozen, geometry, sub), loss_fn, adapters, batch,
-                                       num_chunks)
+      return gradcache.gradcache_grads(
+          lambda p, sub, chunk: embed_fn(p, frozen, geometry, sub, jax.random.fold_in(key, chunk)), loss_fn,
+          adapters, batch, num_chunks)
 
     def full(p):
-      q, t = embed_fn(p, frozen, geometry, batch)
+      q, t = embed_fn(p, frozen, geometry, batch, jax.random.fold_in(key, 0))
       return loss_fn(q, t, batch)
 
     return jax.value_and_grad(full, has_aux=True)(adapters)
@@ -148,15 +154,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
 
   graphdef / frozen come from `nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)`: frozen = (rng_state, base).
   state = {"adapters": pure dict of the LoRA params, "opt_state", "step", "rng"}; the gradient is `make_grad_fn`'s
-  (GradCache's with num_chunks > 1: the geometry must then be for B / num_chunks images). Dropout keys come from the
-  batch's per-example seeds (one per chunk), so both GradCache passes see the same masks and every step new ones.
+  (GradCache's with num_chunks > 1: the geometry must then be for B / num_chunks images). The carried state["rng"]
+  is the one source of randomness: `step_key` folds in the step (new dropout masks every step, the same after a
+  resume), `make_grad_fn` the chunk.
   """
   grad_fn = make_grad_fn(graphdef, loss_cfg, num_chunks=num_chunks)
 
   @functools.partial(jax.jit, donate_argnums=0)
   def step(state, frozen, batch, geometry):
     template = state["adapters"]
-    (loss, metrics), grads = grad_fn(template, frozen, batch, geometry)
+    (loss, metrics), grads = grad_fn(template, frozen, batch, geometry, step_key(state))
     updates, opt_state = tx.update(grads, state["opt_state"], template)
     adapters = optax.apply_updates(template, updates)
     metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}

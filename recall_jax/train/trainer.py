@@ -93,14 +93,15 @@ class Objective:
 
   trainable:  nnx filter of the trained parameters (the rest is frozen: no gradients, no optimizer state).
   dataset:    this process's batches, element i = batch i of the run (a pure function of the seed).
-  host_batch: (pipeline batch, step) -> (per-example arrays, static vision geometry) on the host.
+  host_batch: pipeline batch -> (per-example arrays, static vision geometry) on the host; no randomness there.
   make_step:  (graphdef, optax tx) -> jitted step(state, frozen, arrays, geometry) -> (state, metrics), where
-              state = {"adapters": trained params (pure dict), "opt_state", "step", "rng"}, frozen = (rng, rest).
+              state = {"adapters": trained params (pure dict), "opt_state", "step", "rng"}, frozen = (rng, rest);
+              its randomness comes from state["rng"] folded with state["step"] (`step.step_key`).
   """
 
   trainable: Any
   dataset: grain.MapDataset
-  host_batch: Callable[[dict, int], tuple[dict, Any]]
+  host_batch: Callable[[dict], tuple[dict, Any]]
   make_step: Callable[[nnx.GraphDef, optax.GradientTransformation], Callable]
 
 
@@ -136,9 +137,8 @@ def train(cfg: ConfigDict, model, tokenizer, queries: Sequence[Query], *, datase
                               global_batch_size=t.global_batch_size, seed=cfg.seed, grouped=grouped)
   local_batch = t.global_batch_size // jax.process_count()
 
-  def host_batch(batch, step):
-    return step_lib.host_batch(model.cfg, batch, images_per_call=local_batch // num_chunks,
-                               step_seed=cfg.seed * 7919 + step)
+  def host_batch(batch):
+    return step_lib.host_batch(model.cfg, batch, images_per_call=local_batch // num_chunks)
 
   objective = Objective(
       trainable=nnx.LoRAParam, dataset=ds, host_batch=host_batch,
@@ -204,7 +204,7 @@ def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: Config
     with Preemption(ckpt.reached_preemption) as preemption:
       for step in range(start, t.steps):
         batch = next(iterator)
-        arrays, geometry = objective.host_batch(batch, step)
+        arrays, geometry = objective.host_batch(batch)
         arrays = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
             parallel.batch_sharding(mesh, x.ndim), x), arrays)
         # settle: a no-op but on multi-device CPU, where queued collective programs can deadlock.

@@ -46,7 +46,7 @@ def _loss(graphdef, state, arrays, geometry):
 
 
 def _jax_loss(model, batch):
-  arrays, geometry = generative.host_batch(model.cfg, batch, step_seed=0)
+  arrays, geometry = generative.host_batch(model.cfg, batch)
   graphdef, state = nnx.split(model)
   return _loss(graphdef, state, arrays, geometry)
 
@@ -121,7 +121,7 @@ def test_steps_on_a_fixed_batch_reduce_the_loss_and_train_only_the_selected_para
   pure = nnx.to_pure_dict(params)
   state = {"adapters": pure, "opt_state": tx.init(pure), "step": np.int32(0), "rng": np.zeros(2, np.uint32)}
   step = generative.make_train_step(graphdef, tx)
-  arrays, geometry = generative.host_batch(model.cfg, batches[1], step_seed=0)
+  arrays, geometry = generative.host_batch(model.cfg, batches[1])
   losses = []
   for _ in range(6):
     state, metrics = step(state, (rng_state, rest), arrays, geometry)

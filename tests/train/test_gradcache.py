@@ -32,7 +32,7 @@ def _encode(params, tokens):
   return e / jnp.linalg.norm(e, axis=-1, keepdims=True)
 
 
-def _embed(params, sub):
+def _embed(params, sub, chunk=None):
   return _encode(params, sub["query"]), _encode(params, sub["target"])
 
 
@@ -82,6 +82,26 @@ def test_gradients_equal_unchunked(num_chunks):
   _assert_grads_close(grads, ref_grads)
 
 
+def test_randomness_from_the_chunk_index_is_the_same_in_both_passes():
+  """Dropout keyed by fold_in(key, chunk): GradCache's gradient equals the plain one of a batch whose items get
+  their chunk's mask, so both passes saw the same masks and each chunk its own."""
+  key, b, n = jax.random.key(5), 16, 4
+  params, batch = _init_params(), _batch(b)
+
+  def mask(chunk, shape):
+    return jax.random.bernoulli(jax.random.fold_in(key, chunk), 0.7, shape).astype(jnp.float32)
+
+  def embed(p, sub, chunk):
+    return _encode(p, sub["query"] * mask(chunk, sub["query"].shape)), _encode(p, sub["target"])
+
+  full = gradcache.from_chunks(jnp.stack([mask(c, (b // n, SEQ, DIN)) for c in range(n)]))
+  masked = {**batch, "query": batch["query"] * full}
+  ref = jax.value_and_grad(lambda p: _loss(*_embed(p, masked), masked), has_aux=True)(params)
+  (loss, _), grads = jax.jit(functools.partial(gradcache.gradcache_grads, embed, _loss, num_chunks=n))(params, batch)
+  np.testing.assert_allclose(loss, ref[0][0], rtol=1e-5)
+  _assert_grads_close(grads, ref[1])
+
+
 def test_sharded_batch_gives_the_same_gradients():
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
   params, batch = _init_params(), _batch(64)
@@ -112,7 +132,7 @@ def test_nnx_dora_adapters_only():
     m.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(2), m.lora_b.shape)
   graph, adapters, rest = nnx.split(model, nnx.LoRAParam, ...)
 
-  def embed(p, sub):
+  def embed(p, sub, chunk=None):
     encoder = nnx.merge(graph, p, rest)
     return encoder(sub["query"]), encoder(sub["target"])
 

@@ -3,6 +3,7 @@ plain step's gradient, and the base weights stay frozen."""
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -80,13 +81,43 @@ def _grads(model, cfg, batch, *, num_chunks=1, mesh=None, rules=()):
   frozen = (jax.device_put(rng_state, NamedSharding(mesh, P())), trainer.place_by_rules(rest, mesh, rules))
   assert not rules or sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(frozen[1])) > 10
   adapters = jax.device_put(nnx.to_pure_dict(trained), NamedSharding(mesh, P()))
-  arrays, geometry = step_lib.host_batch(model.cfg, batch, images_per_call=len(batch["valid"]) // num_chunks,
-                                         step_seed=0)
+  arrays, geometry = step_lib.host_batch(model.cfg, batch, images_per_call=len(batch["valid"]) // num_chunks)
   arrays = jax.tree.map(lambda x: jax.device_put(x, parallel.batch_sharding(mesh, x.ndim)), arrays)
   grad_fn = jax.jit(step_lib.make_grad_fn(graphdef, trainer.loss_config(cfg), num_chunks=num_chunks))
-  (loss, _), grads = grad_fn(adapters, frozen, arrays, geometry)
+  (loss, _), grads = grad_fn(adapters, frozen, arrays, geometry, jax.random.key(0))
   model.eval()
   return float(loss), {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(nnx.State(grads))}
+
+
+def test_the_steps_randomness_comes_from_the_carried_key_and_step(fashioniq_train):
+  """LoRA dropout: the same (rng, step) gives bit-identical updates, another rng or another step other ones."""
+  cfg = _cfg(dropout=0.5)
+  model = qwen2_5_vl.Qwen25VLModel(qwen2_5_vl.tiny_config(), rngs=nnx.Rngs(0))
+  trainer.add_adapters(model, cfg, seed=0)
+  model.train()
+  graphdef, trained, rng_state, rest = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
+  queries, images = fashioniq_train
+  enc = pipeline.EncodeConfig(image_buckets=ImageBuckets.square(56), query_lengths=(256,), target_lengths=(128,))
+  batch = pipeline.train_dataset(queries, dataset="fashioniq", load=pipeline.FileImages(images),
+                                 tokenizer=build_tiny_tokenizer(), cfg=enc, global_batch_size=4, seed=0,
+                                 grouped=False)[0]
+  arrays, geometry = step_lib.host_batch(model.cfg, batch, images_per_call=4)
+  tx = optax.sgd(1.0)
+  step = step_lib.make_train_step(graphdef, tx, trainer.loss_config(cfg))
+  pure = nnx.to_pure_dict(trained)
+
+  def lora_b_after(seed, at_step):
+    state = {"adapters": jax.tree.map(np.array, pure), "opt_state": tx.init(pure), "step": np.int32(at_step),
+             "rng": jax.random.key_data(jax.random.key(seed))}
+    new, _ = step(state, (rng_state, rest), arrays, geometry)
+    # lora_b starts at zero: its gradient reads the dropped-out inputs, so the mask shows in the update
+    return np.concatenate([np.ravel(v) for k, v in nnx.to_flat_state(nnx.State(new["adapters"]))
+                           if k[-1] == "lora_b"])
+
+  first = lora_b_after(0, 0)
+  np.testing.assert_array_equal(lora_b_after(0, 0), first)
+  assert not np.array_equal(lora_b_after(1, 0), first)
+  assert not np.array_equal(lora_b_after(0, 1), first)
 
 
 def test_gradcache_and_sharding_equal_the_plain_step(fashioniq_train, tmp_path):
