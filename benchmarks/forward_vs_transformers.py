@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from flax import nnx
 
-from recall_jax import embed
+from recall_jax.models import embedding
 from recall_jax.models import qwen2_5_vl
 from recall_jax.models.qwen2_5_vl.positions import get_rope_index
 
@@ -73,7 +73,7 @@ def main() -> None:
 
   inputs = model.prepare(ids, mask, grid, pixels)
   graphdef, state = nnx.split(model)
-  fwd = jax.jit(lambda g, s, x: embed.embed(nnx.merge(g, s), x), static_argnums=0)
+  fwd = jax.jit(lambda g, s, x: embedding.embed(nnx.merge(g, s), x), static_argnums=0)
   ours = lambda: jax.block_until_ready(fwd(graphdef, state, inputs))
   ours()  # compile
   t_ours = _median_seconds(ours, args.reps)

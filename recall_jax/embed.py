@@ -1,7 +1,6 @@
-"""The retrieval embedding model and its user-facing API.
+"""The user-facing embedding API: Embedder (models.embedding's last-token embedding of a base model with adapters).
 
-Embedding = the final-norm hidden state at the last token of the prompt (the appended <|endoftext|>),
-L2-normalised, in fp32. Query prompt = reference image + modification instruction; target prompt = image only.
+Query prompt = reference image + modification instruction; target prompt = image only.
 
     embedder = Embedder.from_pretrained("runs/cirr_7b/refine/adapters")  # base + preprocessing: recall_config.json
     q = embedder.encode_query(["ref.png"], ["is red with long sleeves"])
@@ -19,7 +18,6 @@ import os
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image
@@ -28,41 +26,8 @@ from recall_jax import recall_config
 from recall_jax.data import pipeline, prompts
 from recall_jax.data.image import load_image
 from recall_jax.data.records import CIRSplit, Query
-from recall_jax.eval import embedding_cache
-
-
-def pool_last_token(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
-  """hidden (B, L, H) -> (B, H) at each row's last real token (works for left and right padding)."""
-  length = attention_mask.shape[1]
-  last = length - 1 - jnp.argmax(attention_mask[:, ::-1].astype(jnp.int32), axis=1)
-  return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
-
-
-def embed(model, inputs: dict[str, Any]) -> jax.Array:
-  """Pure: `model.prepare` inputs -> (B, H) unit-norm fp32 embeddings. Jittable; differentiable for training."""
-  hidden = model.hidden_states(inputs)
-  return l2_normalize(pool_last_token(hidden, inputs["attention_mask"]))
-
-
-def side_inputs(model, batch: dict[str, np.ndarray], prefix: str) -> dict[str, Any]:
-  """Host side: one side (`query` / `target`) of a pipeline batch -> the model's `prepare` inputs.
-
-  Pipeline batches hold one image per example, padded to the largest bucket: (B, P, patch_dim). All images of a
-  batch must share one grid (one bucket per batch) so the patch rows concatenate without padding.
-  """
-  grids = np.asarray(batch[f"{prefix}_image_grid_thw"])
-  if not np.all(grids == grids[:1]):
-    raise ValueError(f"{prefix}_image_grid_thw: a batch must hold one image bucket, got grids "
-                     f"{sorted(set(map(tuple, grids.tolist())))}")
-  pixels = np.asarray(batch[f"{prefix}_pixel_values"])
-  patches = int(np.prod(grids[0]))
-  pixel_values = pixels[:, :patches].reshape(-1, pixels.shape[-1])
-  return model.prepare(batch[f"{prefix}_input_ids"], batch[f"{prefix}_attention_mask"], grids, pixel_values)
+from recall_jax.eval import embedding_cache, encode
+from recall_jax.eval.ranking import rank_gallery
 
 
 class _Images:
@@ -160,7 +125,6 @@ class Embedder:
   def encode_query(self, images: Sequence[Any], texts: Sequence[str], *, category: Optional[str] = None,
                    captions: Optional[Sequence[Sequence[str]]] = None) -> np.ndarray:
     """Query embeddings (N, H). `texts` are modification texts (FashionIQ: pass `captions` pairs instead)."""
-    from recall_jax.eval import encode
     if captions is None:
       captions = [(t,) for t in texts]
     if len(captions) != len(images):
@@ -172,7 +136,6 @@ class Embedder:
   def encode_target(self, images: Sequence[Any], *, cache_dir: Optional[str] = None) -> np.ndarray:
     """Gallery embeddings (N, H) of image paths or PIL images. With `cache_dir`, embeddings are reused when the
     model, the preprocessing and the images (paths, sizes, mtimes / pixels) are all the same."""
-    from recall_jax.eval import encode
     if cache_dir:
       cache_dir = os.path.expanduser(cache_dir)
       parts = {**self.fingerprint_parts(), "gallery": embedding_cache.gallery_identity(images),
@@ -190,12 +153,10 @@ class Embedder:
     """(query, gallery) embeddings of a dataset split, exactly as the evaluate stage computes them. `load` reads its
     images (default: the files of `split.images`); for a built ArrayRecord split, pass the ImageRecords of
     `split, load = tfds_builders.load_built_split(data_dir, config, name)`."""
-    from recall_jax.eval import encode
     return encode.encode_split(self.model, split, tokenizer=self.tokenizer, encode_cfg=self.encode,
                                batch_size=self.batch_size, load=load, mesh=self.mesh)
 
   @staticmethod
   def search(query_emb: np.ndarray, gallery_emb: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    from recall_jax.eval.ranking import rank_gallery
     ranking = rank_gallery(query_emb, gallery_emb, top_k=min(k, len(gallery_emb)))
     return ranking.indices, ranking.scores

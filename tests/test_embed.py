@@ -6,6 +6,7 @@ from flax import nnx
 from PIL import Image
 
 from recall_jax import embed
+from recall_jax.models import embedding
 from recall_jax.data import pipeline, prompts
 from recall_jax.data.image import ImageBuckets
 from recall_jax.models import qwen2_5_vl
@@ -16,8 +17,8 @@ def test_pool_last_token_left_and_right_padding():
   hidden = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(2, 4, 3)
   left = jnp.array([[0, 1, 1, 1], [0, 0, 1, 1]])
   right = jnp.array([[1, 1, 1, 0], [1, 1, 0, 0]])
-  np.testing.assert_array_equal(embed.pool_last_token(hidden, left), hidden[:, 3])
-  np.testing.assert_array_equal(embed.pool_last_token(hidden, right), jnp.stack([hidden[0, 2], hidden[1, 1]]))
+  np.testing.assert_array_equal(embedding.pool_last_token(hidden, left), hidden[:, 3])
+  np.testing.assert_array_equal(embedding.pool_last_token(hidden, right), jnp.stack([hidden[0, 2], hidden[1, 1]]))
 
 
 def _images(n, seed=0):

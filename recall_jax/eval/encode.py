@@ -17,17 +17,18 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from recall_jax import embed, parallel
+from recall_jax import parallel
 from recall_jax.data import pipeline
 from recall_jax.data.records import CIRSplit
-from recall_jax.train.logging import Progress
+from recall_jax.models import embedding
+from recall_jax.progress import Progress
 
 log = logging.getLogger("recall_jax")
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _embed_step(graphdef, state, inputs):
-  return embed.embed(nnx.merge(graphdef, state), inputs)
+  return embedding.embed(nnx.merge(graphdef, state), inputs)
 
 
 def _embed_dataset(model, dataset, prefix: str, count: int, mesh: Optional[Mesh], label: str) -> np.ndarray:
@@ -36,7 +37,7 @@ def _embed_dataset(model, dataset, prefix: str, count: int, mesh: Optional[Mesh]
   progress = Progress(len(dataset), unit="batches")
   pending = []
   for step, batch in enumerate(pipeline.make_iterator(dataset, num_threads=2, prefetch=2)):
-    inputs = embed.side_inputs(model, batch, prefix)
+    inputs = embedding.side_inputs(model, batch, prefix)
     if mesh is not None:
       inputs = _shard_batch(inputs, mesh)
     # Dispatch now, read back later: the host keeps preparing batches while the device computes.

@@ -56,7 +56,7 @@ from recall_jax.generate.decide import answer_token_ids, build_inputs
 from recall_jax.generate.sampler import Sampler
 from recall_jax.generate.sampling import SamplingConfig
 from recall_jax.stages import artifacts, common, mine
-from recall_jax.train.logging import Progress
+from recall_jax.progress import Progress
 
 log = logging.getLogger("recall_jax")
 

@@ -18,7 +18,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from recall_jax import embed, losses
+from recall_jax import losses
+from recall_jax.models import embedding
 from recall_jax.models.qwen2_5_vl.positions import position_ids_for
 from recall_jax.models.qwen2_5_vl.vision_geometry import vision_geometry
 from recall_jax.train import gradcache
@@ -98,7 +99,7 @@ def model_inputs(arrays: dict[str, jax.Array], geometry: dict[str, jax.Array]) -
 
 
 def embed_side(model, side: dict[str, jax.Array], geometry: dict[str, jax.Array]) -> jax.Array:
-  return embed.embed(model, model_inputs(side, geometry))
+  return embedding.embed(model, model_inputs(side, geometry))
 
 
 def step_key(state) -> jax.Array:

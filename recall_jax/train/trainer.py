@@ -35,7 +35,8 @@ from recall_jax.models import lora, peft_io
 from recall_jax.models.qwen2_5_vl import names as qwen_names
 from recall_jax.train import step as step_lib
 from recall_jax.train.checkpoint import Checkpoints
-from recall_jax.train.logging import MetricWriter, Progress
+from recall_jax.progress import Progress
+from recall_jax.train.logging import MetricWriter
 from recall_jax.train.optim import make_optimizer
 from recall_jax.train.preemption import Preempted, Preemption
 
