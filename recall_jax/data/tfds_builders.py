@@ -14,7 +14,9 @@ and shuffling is off, so `as_data_source()` gives random-access sources in file 
 Build:   CirQueries(config="cirr", data_dir=D).download_and_prepare(
              download_config=tfds.download.DownloadConfig(manual_dir=ROOT))   (and the same for CirImages), or
          build_cir_dataset(ROOT, D, "cirr");
-read:    split, images = load_built_split(D, "cirr", "val")  ->  (CIRSplit, ImageRecords).
+read:    split, images = load_built_split(D, "cirr", "val")  ->  (CIRSplit, ImageRecords);
+command: python -m recall_jax.data.tfds_builders --dataset cirr --root /data/CIRR --out /data/cirr_array_record
+         (every config of a dataset, `dataset_configs`: what a run with data.format="array_record" reads).
 """
 
 from __future__ import annotations
@@ -79,6 +81,31 @@ def default_configs() -> list[CIRConfig]:
       CIRConfig(name="cirr", version=VERSION, layout="cirr", description="CIRR layout (rc2)"),
       CIRConfig(name="circo", version=VERSION, layout="circo", description="CIRCO layout"),
   ]
+
+
+def dataset_configs(dataset: str, categories: Sequence[str] = ("dress", "shirt", "toptee"), image_ext: str = ".png",
+                    on_error: str = "raise") -> list[CIRConfig]:
+  """The configs that hold one dataset (FashionIQ: one per category), read with the given reader options.
+
+  The readers' defaults give the registered configs; other options give configs whose name says them (e.g.
+  fashioniq_dress_jpg_skip): TFDS allows one config per name, and a build read with other options is another one."""
+  if dataset not in LAYOUT_SPLITS:
+    raise ValueError(f"dataset must be one of {sorted(LAYOUT_SPLITS)}, got {dataset!r}")
+  names = [f"fashioniq_{c}" for c in categories] if dataset == "fashioniq" else [dataset]
+  options = (("image_ext", image_ext),) if dataset == "fashioniq" and image_ext != ".png" else ()
+  options += (("on_error", on_error),) if on_error != "raise" else ()
+  registered = {c.name: c for c in _CIRBuilder.BUILDER_CONFIGS}
+  configs = []
+  for name in names:
+    if name not in registered:
+      raise ValueError(f"no FashionIQ category {name[len('fashioniq_'):]!r} (configs: {sorted(registered)})")
+    if not options:
+      configs.append(registered[name])
+      continue
+    suffix = "".join(f"_{str(v).lstrip('.')}" for _, v in options)
+    configs.append(dataclasses.replace(registered[name], name=name + suffix, reader_options=options,
+                                       description=f"{registered[name].description}, read with {dict(options)}"))
+  return configs
 
 
 def read_layout_split(root: str, config: CIRConfig, split: str) -> CIRSplit:
@@ -264,6 +291,9 @@ class ImageRecords:
   def __len__(self) -> int:
     return len(self.index)
 
+  def __contains__(self, name: str) -> bool:
+    return name in self.index
+
   def encoded(self, name: str) -> bytes:
     if name not in self.index:
       raise DataError(f"image {name!r} is not in {self.where}")
@@ -297,6 +327,43 @@ def _query(record: Mapping[str, Any]) -> Query:
   )
 
 
+def _where(builder: tfds.core.DatasetBuilder, split: str) -> str:
+  return f"{builder.name}/{builder.builder_config.name}/{split} under {os.fspath(builder.data_dir_root)!r}"
+
+
+def built_problems(data_dir: str, config: str | CIRConfig, splits: Optional[Sequence[str]] = None) -> list[str]:
+  """What is missing for `splits` (default: the config's) of both builders under data_dir, each naming its path;
+  [] when every split is built with all its files (a build TFDS finished: it writes into incomplete.* first)."""
+  out = []
+  for builder_cls in (CirQueries, CirImages):
+    builder = builder_cls(config=config, data_dir=data_dir)
+    if not builder.is_prepared():
+      out.append(f"{builder.data_dir} is not built (no dataset_info.json)")
+      continue
+    for split in splits or builder.builder_config.splits:
+      if split not in builder.info.splits:
+        out.append(f"{builder.data_dir} has no split {split!r} (built: {sorted(builder.info.splits)})")
+        continue
+      missing = [os.fspath(p) for p in builder.info.splits[split].filepaths if not epath.Path(p).exists()]
+      if missing:
+        out.append(f"{builder.data_dir}: split {split!r} lacks {missing[0]}" +
+                   (f" and {len(missing) - 1} more files" if len(missing) > 1 else ""))
+  return out
+
+
+def load_built_images(data_dir: str, config: str | CIRConfig, split: str) -> ImageRecords:
+  """Random access to the images of a built split (its metadata and records only: no query is read)."""
+  builder = CirImages(config=config, data_dir=data_dir)
+  if split not in builder.info.splits:
+    raise DataError(f"split {split!r} of {builder.builder_config.name!r} is not built under {data_dir!r} "
+                    f"(built: {sorted(builder.info.splits)})")
+  names = builder.info.metadata["names"][split]
+  source = builder.as_data_source(split=split)
+  if len(source) != len(names):
+    raise DataError(f"{_where(builder, split)} has {len(source)} records, its metadata names {len(names)}")
+  return ImageRecords(source, names, _where(builder, split))
+
+
 def load_built_split(data_dir: str, config: str | CIRConfig, split: str) -> tuple[CIRSplit, ImageRecords]:
   """A built split as the readers return it, plus random access to its encoded images.
 
@@ -327,8 +394,30 @@ def load_built_split(data_dir: str, config: str | CIRConfig, split: str) -> tupl
       category=cfg.category,
       skipped=tuple((str(s), str(r)) for s, r in query_builder.info.metadata["skipped"][split]),
   )
-  image_source = image_builder.as_data_source(split=split)
-  if len(image_source) != len(names):
-    raise DataError(f"cir_images/{cfg.name}/{split} under {data_dir!r} has {len(image_source)} records, "
-                    f"its metadata names {len(names)}")
-  return cir_split, ImageRecords(image_source, names, f"cir_images/{cfg.name}/{split} under {data_dir!r}")
+  return cir_split, load_built_images(data_dir, config, split)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """Builds every config of one dataset (`dataset_configs`) from its published layout: the folder a run with
+  data.format="array_record" reads as data.array_record_dir."""
+  import argparse
+  parser = argparse.ArgumentParser(prog="python -m recall_jax.data.tfds_builders", description=main.__doc__)
+  parser.add_argument("--dataset", required=True, choices=sorted(LAYOUT_SPLITS))
+  parser.add_argument("--root", required=True, help="the dataset in its published layout (config data.root)")
+  parser.add_argument("--out", required=True, help="the ArrayRecord folder (config data.array_record_dir)")
+  parser.add_argument("--categories", default="dress,shirt,toptee", help="FashionIQ categories (data.categories)")
+  parser.add_argument("--image_ext", default=".png", help="FashionIQ image extension (data.image_ext)")
+  parser.add_argument("--on_error", default="raise", help="the readers' policy for bad records (data.on_error)")
+  args = parser.parse_args(argv)
+  configs = dataset_configs(args.dataset, tuple(c for c in args.categories.split(",") if c), args.image_ext,
+                            args.on_error)
+  for config in configs:
+    build_cir_dataset(args.root, args.out, config)
+  problems = [p for c in configs for p in built_problems(args.out, c)]
+  if problems:
+    raise SystemExit("build incomplete:\n  " + "\n  ".join(problems))
+  print(f"built {[c.name for c in configs]} under {args.out}")
+
+
+if __name__ == "__main__":
+  main()

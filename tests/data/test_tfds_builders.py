@@ -112,3 +112,12 @@ def test_errors_name_the_image_and_record(built):
     tfds_builders.CirImages(config="cirr", data_dir=data_dir, file_format="tfrecord")
   with pytest.raises(ValueError, match="a category is required for fashioniq"):
     tfds_builders.CIRConfig(name="bad", layout="fashioniq")
+
+
+def test_dataset_configs_name_their_reader_options():
+  assert tfds_builders.dataset_configs("cirr") == [c for c in tfds_builders.CirImages.BUILDER_CONFIGS if c.name == "cirr"]
+  dress, shirt = tfds_builders.dataset_configs("fashioniq", ("dress", "shirt"), image_ext=".jpg", on_error="skip")
+  assert (dress.name, shirt.name) == ("fashioniq_dress_jpg_skip", "fashioniq_shirt_jpg_skip")
+  assert dress.category == "dress" and dict(dress.reader_options) == {"image_ext": ".jpg", "on_error": "skip"}
+  with pytest.raises(ValueError, match="no FashionIQ category 'hat'"):
+    tfds_builders.dataset_configs("fashioniq", ("hat",))
