@@ -37,6 +37,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.categories = ("dress", "shirt", "toptee")
   c.data.image_ext = ".png"
   c.data.on_error = "raise"
+  # How stages read the dataset: "files" (its published layout: one file per image) or "array_record" (the same
+  # images' bytes in ArrayRecord files, as on a pod: a prepared folder, not millions of small files). Results are
+  # the same. array_record_dir: "" = <workdir>/prepare/array_record (the prepare stage writes it from data.root or
+  # the synthetic world); else a folder built by `python -m recall_jax.data.tfds_builders` (e.g. gs://...).
+  c.data.format = "files"
+  c.data.array_record_dir = ""
   c.data.image_buckets = 364  # one square bucket (13x13 merged tokens <= max_pixels): one grid per batch
   c.data.query_lengths = (320,)  # tokens incl. the image pads
   c.data.target_lengths = (256,)

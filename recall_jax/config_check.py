@@ -37,9 +37,10 @@ def _enums() -> dict[str, Sequence[Any]]:
   from recall_jax.data.readers import common as readers
   from recall_jax.generate import decide, parse
   from recall_jax.models import lora
-  from recall_jax.stages import calibrate, common, mine, prepare, refine
+  from recall_jax.stages import calibrate, common, data_source, mine, prepare, refine
   return {
       "data.dataset": ("fashioniq", "cirr", "circo"),
+      "data.format": data_source.FORMATS,
       "data.on_error": readers.ON_ERROR,
       "eval.split": ("train", "val", "test"),
       "model.dtype": tuple(sorted(common.DTYPES)),

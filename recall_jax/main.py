@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from recall_jax import config_check, parallel
-from recall_jax.stages import artifacts, fingerprint
+from recall_jax.stages import artifacts, data_source, fingerprint
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every artifact of the run.", required=True)
@@ -84,6 +84,13 @@ def run(cfg, workdir: str, stages: list[str], on_change: str = "refuse") -> dict
       first = next(iter(stale))
       raise artifacts.StaleStageError(first, artifacts.stage_dir(workdir, first),
                                       [f"{s}: {r}" for s, rs in stale.items() for r in rs])
+  # With data.format "array_record", a missing or incomplete dataset is named before any work, unless this run's
+  # prepare stage is to write it (prepare then checks what it wrote).
+  reads_data = any(artifacts.parse_stage(s)[0] not in ("prepare", "report") for s in stages)
+  prepare_runs = "prepare" in stages and (not artifacts.is_done(workdir, "prepare") or bool(
+      artifacts.check_stage(workdir, "prepare", provenance(cfg, workdir, "prepare"))))
+  if reads_data and not prepare_runs:
+    data_source.require_built(cfg, workdir)
   os.makedirs(workdir, exist_ok=True)
   config = json.loads(cfg.to_json_best_effort())
   artifacts.atomic_write_json(os.path.join(workdir, "config.json"), config)  # the latest; the history below

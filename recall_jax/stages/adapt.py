@@ -10,47 +10,41 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from recall_jax import recall_config
-from recall_jax.data import pipeline
 from recall_jax.data.records import CIRSplit, Query
 from recall_jax.eval import encode, retrieval
-from recall_jax.stages import common, evaluate
+from recall_jax.stages import common, data_source, evaluate
 from recall_jax.train import trainer
 
 log = logging.getLogger("recall_jax")
 
 
-def merged_images(splits: Sequence[CIRSplit]) -> dict[str, str]:
-  images: dict[str, str] = {}
-  for s in splits:
-    images.update(s.images)
-  return images
-
-
 def val_eval_fn(cfg: ConfigDict, workdir: str, tokenizer, splits: Sequence[CIRSplit], mesh=None):
   """model -> mean over the val splits of each metric (FashionIQ: over categories)."""
   encode_cfg = common.encode_config(cfg)
+  loads = [data_source.image_loader(cfg, workdir, [split]) for split in splits]
 
   def eval_fn(model) -> dict[str, float]:
     per_split = []
-    for split in splits:
+    for split, load in zip(splits, loads):
       protocol = evaluate.protocol_from_config(cfg, split.dataset)
       q, g = encode.encode_split(model, split, tokenizer=tokenizer, encode_cfg=encode_cfg,
-                                 batch_size=cfg.eval.batch_size, mesh=mesh)
+                                 batch_size=cfg.eval.batch_size, load=load, mesh=mesh)
       per_split.append(retrieval.split_metrics(split, retrieval.rank_split(split, q, g, protocol), protocol))
     return {k: float(np.mean([m[k] for m in per_split])) for k in per_split[0]}
 
   return eval_fn
 
 
-def train_on(cfg: ConfigDict, workdir: str, out: str, queries: Sequence[Query], images: dict[str, str], *,
+def train_on(cfg: ConfigDict, workdir: str, out: str, queries: Sequence[Query], splits: Sequence[CIRSplit], *,
              grouped: bool, model=None, tokenizer=None, stop_after: Optional[int] = None) -> dict:
-  """Shared by Stage 1 and Stage 4: train adapters on `queries`, evaluating on the val split."""
+  """Shared by Stage 1 and Stage 4: train adapters on `queries` (their images: those of `splits`), evaluating on
+  the val split."""
   mesh = common.training_mesh(cfg)
   if model is None:
     model, tokenizer = common.load_base_model(cfg, workdir, mesh=mesh)
   val = common.read_splits(cfg, workdir, cfg.eval.split)
   result = trainer.train(
-      cfg, model, tokenizer, queries, dataset=cfg.data.dataset, load=pipeline.FileImages(images),
+      cfg, model, tokenizer, queries, dataset=cfg.data.dataset, load=data_source.image_loader(cfg, workdir, splits),
       encode_cfg=common.encode_config(cfg), out_dir=out, eval_fn=val_eval_fn(cfg, workdir, tokenizer, val, mesh),
       grouped=grouped, stop_after=stop_after, mesh=mesh)
   return {"steps": result.steps, "adapter_dir": result.adapter_dir, "best_step": result.best_step,
@@ -62,7 +56,7 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
   splits = common.read_splits(cfg, workdir, "train")
   queries = [q for s in splits for q in s.queries]
   log.info("[adapt] %d training triplets", len(queries))
-  manifest = train_on(cfg, workdir, out, queries, merged_images(splits), grouped=False)
+  manifest = train_on(cfg, workdir, out, queries, splits, grouped=False)
   # The base these adapters belong to (R_base starts from F): checked whenever they are merged again.
   manifest["base_checkpoint"] = common.foundation_checkpoint(cfg, workdir)
   # Beside the adapters, the preprocessing they were trained with, for Embedder.from_pretrained.

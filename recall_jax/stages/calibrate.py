@@ -48,14 +48,13 @@ from ml_collections import ConfigDict
 
 from recall_jax import faults, viz
 from recall_jax.data import pipeline, sft
-from recall_jax.data.image import load_image
 from recall_jax.data.synthetic import TextParseError
 from recall_jax.data.synthetic.oracle import Oracle
 from recall_jax.generate import decide, parse, prompt_files
 from recall_jax.generate.decide import answer_token_ids, build_inputs
 from recall_jax.generate.sampler import Sampler
 from recall_jax.generate.sampling import SamplingConfig
-from recall_jax.stages import artifacts, common, mine
+from recall_jax.stages import artifacts, common, data_source, mine
 from recall_jax.progress import Progress
 
 log = logging.getLogger("recall_jax")
@@ -337,7 +336,7 @@ def statistics(samples: list[dict], num_mined: int) -> dict:
   return stats
 
 
-def _sheet(samples: list[dict], images: dict, path: str, n: int) -> None:
+def _sheet(samples: list[dict], load, path: str, n: int) -> None:
   shown = [s for s in samples if s["text"] is not None][:n] or samples[:n]
   items = []
   for s in shown:
@@ -348,7 +347,7 @@ def _sheet(samples: list[dict], images: dict, path: str, n: int) -> None:
     items.append({"reference": s["reference"], "text": text,
                   "images": [(s["instance"], f"P(yes) {p}", "ok" if s["vqa_pass"] else "bad")]})
   if items:
-    viz.triplet_sheet(items, lambda name: load_image(images[name]), path,
+    viz.triplet_sheet(items, load, path,
                       title="calibrated: reference, instance (green = passes the VQA threshold)")
 
 
@@ -365,9 +364,8 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
   ids = collections.Counter(r["id"] for r in records)
   if len(ids) != len(records):
     raise ValueError(f"mined records have duplicate ids: {[i for i, c in ids.items() if c > 1][:5]}")
-  images: dict[str, str] = {}
-  for split in common.read_splits(cfg, workdir, cfg.mine.split):
-    images.update(split.images)
+  splits = common.read_splits(cfg, workdir, cfg.mine.split)
+  images = {name: path for s in splits for name, path in s.images.items()}  # the oracle finds scene graphs by path
   missing = sorted({n for r in records for n in (r["reference"], r["instance"])} - set(images))
   if missing:
     raise ValueError(f"mined images {missing[:5]} are not in the {cfg.mine.split} split of {cfg.data.dataset}")
@@ -377,8 +375,8 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
     sampler = Sampler(model, tokenizer, cache_buckets=ccfg.prompt_lengths)
   tokenizer = tokenizer or sampler.tokenizer
   world = _oracle_for(images, records) if ccfg.oracle or ccfg.rewriter == "oracle" else None
-  calibrator = Calibrator(sampler, tokenizer, ccfg, common.encode_config(cfg), pipeline.FileImages(images),
-                          oracle=world)
+  load = data_source.image_loader(cfg, workdir, splits)
+  calibrator = Calibrator(sampler, tokenizer, ccfg, common.encode_config(cfg), load, oracle=world)
   oracle = world if ccfg.oracle else None
 
   partial = os.path.join(out, PARTIAL)
@@ -406,7 +404,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
   artifacts.write_jsonl(os.path.join(out, GENERATIONS), samples)
   artifacts.write_jsonl(os.path.join(out, CORRECTIVE), [corrective_triplet(s) for s in samples if s["kept"]])
   sheet = os.path.join(out, SHEET)
-  _sheet(samples, images, sheet, ccfg.sheet_samples)
+  _sheet(samples, load, sheet, ccfg.sheet_samples)
   os.remove(partial)
   stats = statistics(samples, len(mined))
   log.info("[calibrate] %s", json.dumps({k: v for k, v in stats.items() if k != "oracle"}))

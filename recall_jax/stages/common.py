@@ -7,11 +7,11 @@ import os
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
-from recall_jax.data import pipeline, readers
+from recall_jax.data import pipeline
 from recall_jax.data.image import ImageBuckets
 from recall_jax.data.records import CIRSplit
 from recall_jax.models import qwen2_5_vl
-from recall_jax.stages import prepare
+from recall_jax.stages import data_source, prepare
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -114,16 +114,6 @@ def encode_config(cfg: ConfigDict) -> pipeline.EncodeConfig:
 
 
 def read_splits(cfg: ConfigDict, workdir: str, split: str) -> list[CIRSplit]:
-  """The configured dataset's splits (FashionIQ: one per category), from the real layout under data.root or the
-  synthetic world's copy of that layout."""
-  d = cfg.data
-  world = prepare.world_root(cfg, workdir)  # validates data.root
-  root = d.root or f"{world}/{d.dataset}"
-  if d.dataset == "fashioniq":
-    return readers.read_fashioniq(root, split, categories=tuple(d.categories), image_ext=d.image_ext,
-                                  on_error=d.on_error)
-  if d.dataset == "cirr":
-    return [readers.read_cirr(root, split, on_error=d.on_error)]
-  if d.dataset == "circo":
-    return [readers.read_circo(root, split, on_error=d.on_error)]
-  raise ValueError(f"config data.dataset must be fashioniq, cirr or circo, got {d.dataset!r}")
+  """The configured dataset's splits (FashionIQ: one per category), in the configured data.format: the published
+  layout under data.root (or the synthetic world's copy of it), or its ArrayRecord form (stages/data_source.py)."""
+  return data_source.read_splits(cfg, workdir, split)

@@ -11,9 +11,8 @@ from typing import Optional
 from ml_collections import ConfigDict
 
 from recall_jax import viz
-from recall_jax.data.image import load_image
 from recall_jax.eval import encode, metrics, results, retrieval, submission
-from recall_jax.stages import artifacts, common, verify_queries
+from recall_jax.stages import artifacts, common, data_source, verify_queries
 
 log = logging.getLogger("recall_jax")
 
@@ -48,8 +47,9 @@ def evaluate_model(cfg: ConfigDict, workdir: str, out: str, model, tokenizer, ch
   for split in common.read_splits(cfg, workdir, cfg.eval.split):
     tag = split.dataset + (f"_{split.category}" if split.category else "")
     protocol = protocol_from_config(cfg, split.dataset)
+    load = data_source.image_loader(cfg, workdir, [split])
     q, g = encode.encode_split(model, split, tokenizer=tokenizer, encode_cfg=encode_cfg,
-                               batch_size=cfg.eval.batch_size, mesh=mesh)
+                               batch_size=cfg.eval.batch_size, load=load, mesh=mesh)
     ranking = retrieval.rank_split(split, q, g, protocol)
     submission.write_split_outputs(out, "eval", split, ranking, protocol)
     if split.queries and split.queries[0].targets:
@@ -64,7 +64,7 @@ def evaluate_model(cfg: ConfigDict, workdir: str, out: str, model, tokenizer, ch
       if split.category:
         per_category[split.category] = scores
       log.info("[evaluate] %s %s: %s", tag, cfg.eval.split, " ".join(f"{k}={v:.2f}" for k, v in scores.items()))
-    _sheet(split, ranking, os.path.join(out, f"retrievals_{tag}.png"), cfg.eval.sheet_queries,
+    _sheet(split, ranking, load, os.path.join(out, f"retrievals_{tag}.png"), cfg.eval.sheet_queries,
            title=f"{tag} {cfg.eval.split}: reference, then top-5 (green = ground truth)")
   if per_category:
     summary["fashioniq_average"] = metrics.fashioniq_summary(per_category)
@@ -101,11 +101,11 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None, 
           "missing_rounds": missing, "foundation_verification": foundation}
 
 
-def _sheet(split, ranking, path: str, n: int, title: str) -> None:
+def _sheet(split, ranking, load, path: str, n: int, title: str) -> None:
   rows = []
   for i, q in enumerate(split.queries[:n]):
     ranked = [split.gallery[j] for j in ranking.indices[i] if j >= 0]
     rows.append({"reference": q.reference, "text": " / ".join(q.captions), "ranked": ranked,
                  "targets": list(q.targets)})
   if rows:
-    viz.retrieval_sheet(rows, lambda name: load_image(split.images[name]), path, top_k=5, title=title)
+    viz.retrieval_sheet(rows, load, path, top_k=5, title=title)

@@ -5,7 +5,7 @@ every stage before it in the pipeline's order (prepare, teach, adapt, then each 
 evaluate, report). An upstream change therefore changes every later fingerprint. Each manifest also records the
 run ids of the upstream manifests it read, so an upstream stage that was rerun (same config, new artifacts) makes
 its dependants stale too. Fields that cannot change results (logging cadence, contact sheets, input threads, the
-mesh: sharded == unsharded) are left out, so changing them reruns nothing.
+mesh: sharded == unsharded, the data format: files == ArrayRecord) are left out, so changing them reruns nothing.
 """
 
 from __future__ import annotations
@@ -37,8 +37,11 @@ SECTIONS = {
     "report": (),
 }
 ORDER = tuple(SECTIONS)
+# data.format / data.array_record_dir say in which form and where the same dataset is read: the ArrayRecord records
+# hold the image files' bytes unchanged (data/tfds_builders.py), so every stage decodes the same arrays and gives
+# the same results (tests/stages/test_data_format.py); switching formats reruns nothing.
 _NEUTRAL = re.compile(r"(^|\.)(log_every|probe_every|sheet_\w+|data_threads|data_workers|keep_checkpoints|"
-                      r"checkpoint_every|tensorboard|cache_dir)$")
+                      r"checkpoint_every|tensorboard|cache_dir)$|^data\.(format|array_record_dir)$")
 
 
 def _flat(value: Any, prefix: str, out: dict) -> None:

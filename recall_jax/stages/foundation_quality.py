@@ -28,13 +28,13 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from recall_jax.data import pipeline, prompts, sft
+from recall_jax.data import prompts, sft
 from recall_jax.data.records import Query
 from recall_jax.data.synthetic import language
 from recall_jax.data.synthetic.oracle import Oracle
 from recall_jax.generate import decide, parse
 from recall_jax.generate.sampler import Sampler
-from recall_jax.stages import calibrate, common
+from recall_jax.stages import calibrate, common, data_source
 
 log = logging.getLogger("recall_jax")
 
@@ -141,7 +141,7 @@ def evaluate_foundation(model: Any, tokenizer: Any, cfg: ConfigDict, workdir: st
   if sampler is None:
     sampler = Sampler(model, tokenizer, cache_buckets=ccfg.prompt_lengths)
   tokenizer = tokenizer or sampler.tokenizer
-  load, encode_cfg = pipeline.FileImages(images), common.encode_config(cfg)
+  load, encode_cfg = data_source.image_loader(cfg, workdir, splits), common.encode_config(cfg)
   rewrite_cfg = ccfg.copy_and_resolve_references()
   rewrite_cfg.rewriter = "model"  # F's own rewrites, in Stage 3's prompt mode (the one the teach stage trains)
   calibrator = calibrate.Calibrator(sampler, tokenizer, rewrite_cfg, encode_cfg, load)

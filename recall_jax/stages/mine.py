@@ -28,11 +28,10 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from recall_jax import viz
-from recall_jax.data.image import load_image
 from recall_jax.data.prompts import join_captions
 from recall_jax.data.records import CIRSplit
 from recall_jax.eval import encode
-from recall_jax.stages import artifacts, common
+from recall_jax.stages import artifacts, common, data_source
 
 log = logging.getLogger("recall_jax")
 
@@ -181,7 +180,7 @@ def mine_split(split: CIRSplit, query_emb: np.ndarray, gallery_emb: np.ndarray, 
   return records, summary
 
 
-def _sheet(records: list[dict], images: dict, path: str, n: int, title: str) -> None:
+def _sheet(records: list[dict], load, path: str, n: int, title: str) -> None:
   by_query: dict[str, list[dict]] = {}
   for r in records:
     by_query.setdefault(f"{r['dataset']}/{r['qid']}", []).append(r)
@@ -192,7 +191,7 @@ def _sheet(records: list[dict], images: dict, path: str, n: int, title: str) -> 
                   "images": [(r["targets"][0], f"GT r{r['gt_rank']}", "ok"),
                              *[(x["instance"], f"r{x['instance_rank']}", "bad") for x in rs]]})
   if items:
-    viz.triplet_sheet(items, lambda name: load_image(images[name]), path, title=title)
+    viz.triplet_sheet(items, load, path, title=title)
 
 
 def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None, mesh=None,
@@ -207,20 +206,21 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None, 
   if model is None:
     model, tokenizer, adapter_dir = common.round_retriever(cfg, workdir, round_num)
   encode_cfg = common.encode_config(cfg)
-  records, splits, images, fingerprints = [], {}, {}, {}
-  for split in common.read_splits(cfg, workdir, mcfg.split):
+  records, splits, fingerprints = [], {}, {}
+  read = common.read_splits(cfg, workdir, mcfg.split)
+  for split in read:
     tag = split.dataset + (f"_{split.category}" if split.category else "")
     q, g = encode.encode_split(model, split, tokenizer=tokenizer, encode_cfg=encode_cfg,
-                               batch_size=mcfg.batch_size, mesh=mesh)
+                               batch_size=mcfg.batch_size, load=data_source.image_loader(cfg, workdir, [split]),
+                               mesh=mesh)
     fingerprints[tag] = encode.fingerprint(q, g)
     split_records, splits[tag] = mine_split(split, q, g, mcfg, cfg.data.caption_join)
     log.info("[mine] %s: %d/%d queries fail, %d instances", tag, splits[tag]["failures"], splits[tag]["queries"],
              len(split_records))
     records += split_records
-    images.update(split.images)
   artifacts.write_jsonl(os.path.join(out, MINED), records)
   sheet = os.path.join(out, SHEET)
-  _sheet(records, images, sheet, mcfg.sheet_queries,
+  _sheet(records, data_source.image_loader(cfg, workdir, read), sheet, mcfg.sheet_queries,
          title=f"mined ({mcfg.strategy}): reference, ground truth (green), informative instances (red)")
   queries = sum(s["queries"] for s in splits.values())
   failures = sum(s["failures"] for s in splits.values())

@@ -22,3 +22,10 @@ def checkpoint_dir(cfg: ConfigDict, workdir: str) -> str:
     raise ValueError("config model.checkpoint is required: a Hugging Face Qwen2.5-VL checkpoint directory (or \"\" "
                      "for the tiny random checkpoint of the prepare stage)")
   return cfg.model.checkpoint or os.path.join(workdir, "prepare", "checkpoint")
+
+
+def array_record_dir(cfg: ConfigDict, workdir: str) -> str:
+  """The ArrayRecord form of the dataset (config data.format "array_record"): config data.array_record_dir (a
+  prepared folder, e.g. in a bucket), or ("") <workdir>/prepare/array_record, which the prepare stage writes from
+  the dataset root (`world_root`)."""
+  return cfg.data.get("array_record_dir") or os.path.join(workdir, "prepare", "array_record")

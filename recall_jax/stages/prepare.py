@@ -1,5 +1,7 @@
 """Stage 0 on the embedded default: generate the synthetic world and, when no base checkpoint is configured, a tiny
 random Qwen2.5-VL checkpoint (config.json + model.safetensors + tokenizer) written in the Hugging Face layout.
+With config data.format "array_record", it also writes the configured dataset (the world's layout, or data.root)
+as ArrayRecord files into `paths.array_record_dir` (stages/data_source.py).
 
 The tiny checkpoint's tokenizer (config model.tiny_tokenizer): "world" trains a byte-level BPE on the world's
 training text (`world_tokenizer`; needs the synthetic world), "bytes" is the fixed 512-id byte-level one."""
@@ -17,6 +19,7 @@ from recall_jax.models import qwen2_5_vl
 from recall_jax.data.synthetic.corpus import world_corpus
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
 from recall_jax.models.qwen2_5_vl.world_tokenizer import build_world_tokenizer
+from recall_jax.stages import data_source
 from recall_jax.stages.paths import checkpoint_dir, world_root
 
 TOKENIZERS = ("world", "bytes")
@@ -64,4 +67,6 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
                               "text": dict(hidden_size=model_cfg.text.hidden_size,
                                            layers=model_cfg.text.num_hidden_layers),
                               "vision": dict(hidden_size=model_cfg.vision.hidden_size, depth=model_cfg.vision.depth)}
+  if data_source.data_format(cfg) == "array_record":
+    manifest["array_record"] = data_source.write_array_record(cfg, workdir)
   return manifest

@@ -88,7 +88,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, round_num: int = 1) -> dict:
   model, tokenizer = common.load_base_model(cfg, workdir, mesh=common.training_mesh(cfg))
   # Continue from R_base (or round r-1); the trainer starts a fresh optimizer.
   peft_io.import_peft(model, start_adapters, names=qwen_names.PEFT_NAMES)
-  manifest = adapt.train_on(rcfg, workdir, out, queries, adapt.merged_images(splits), grouped=cfg.refine.grouped,
+  manifest = adapt.train_on(rcfg, workdir, out, queries, splits, grouped=cfg.refine.grouped,
                             model=model, tokenizer=tokenizer)
   manifest.update(mode=mode, grouped=bool(cfg.refine.grouped), original_triplets=len(originals),
                   corrective_triplets=len(extra) if mode == "corrective" else 0,

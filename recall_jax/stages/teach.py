@@ -41,7 +41,7 @@ from recall_jax.data import pipeline, sft
 from recall_jax.data.synthetic.attributes import ATTRIBUTES, CATEGORIES, VALUES
 from recall_jax.data.synthetic.oracle import Oracle
 from recall_jax.models import lora, qwen2_5_vl
-from recall_jax.stages import artifacts, common, prepare, teach_cache
+from recall_jax.stages import artifacts, common, data_source, prepare, teach_cache
 from recall_jax.train import generative, trainer, vision_pretrain
 
 log = logging.getLogger("recall_jax")
@@ -60,10 +60,12 @@ def sft_config(cfg: ConfigDict) -> sft.SFTConfig:
                        decision_weight=float(t.decision_weight))
 
 
-def _image_arrays(images: dict[str, str], names: list[str], encode_cfg: pipeline.EncodeConfig):
-  """(pixels (N, P, D) without bucket padding, the shared grid, labels (N, A)) of `names`, from their scene graphs."""
-  oracle = Oracle(images)
-  load = pipeline.FileImages(images)
+def _image_arrays(splits: list, names: list[str], cfg: ConfigDict, workdir: str):
+  """(pixels (N, P, D) without bucket padding, the shared grid, labels (N, A)) of `names` of `splits`, from their
+  scene graphs."""
+  encode_cfg = common.encode_config(cfg)
+  oracle = Oracle({name: path for s in splits for name, path in s.images.items()})
+  load = data_source.image_loader(cfg, workdir, splits)
   pixels, grids = pipeline.encode_images([load(n) for n in names], encode_cfg)
   if not np.all(grids == grids[:1]):
     raise ValueError("vision pretraining needs one image bucket (config data.image_buckets)")
@@ -72,7 +74,7 @@ def _image_arrays(images: dict[str, str], names: list[str], encode_cfg: pipeline
   return pixels[:, :int(np.prod(grids[0]))], tuple(int(g) for g in grids[0]), labels
 
 
-def teach_vision(model, cfg: ConfigDict, workdir: str, out: str, train_images: dict[str, str]) -> dict:
+def teach_vision(model, cfg: ConfigDict, workdir: str, out: str, train_splits: list) -> dict:
   """Phase 1, resumable: trains model.visual on the training images' attributes, or reloads a finished phase."""
   v = cfg.teach.vision
   path = os.path.join(out, VISION)
@@ -82,14 +84,11 @@ def teach_vision(model, cfg: ConfigDict, workdir: str, out: str, train_images: d
     with open(figures_path) as f:
       log.info("[teach] vision phase done already (%s); reusing it", path)
       return json.load(f)
-  encode_cfg = common.encode_config(cfg)
-  names = sorted(train_images)
-  pixels, grid, labels = _image_arrays(train_images, names, encode_cfg)
-  val_images: dict[str, str] = {}
-  for s in common.read_splits(cfg, workdir, "val"):
-    val_images.update(s.images)
-  val_names = sorted(val_images)[:v.val_images]
-  val = _image_arrays(val_images, val_names, encode_cfg) if val_names else None
+  names = sorted({n for s in train_splits for n in s.images})
+  pixels, grid, labels = _image_arrays(train_splits, names, cfg, workdir)
+  val_splits = common.read_splits(cfg, workdir, "val")
+  val_names = sorted({n for s in val_splits for n in s.images})[:v.val_images]
+  val = _image_arrays(val_splits, val_names, cfg, workdir) if val_names else None
   vcfg = vision_pretrain.VisionPretrainConfig(steps=v.steps, batch_size=v.batch_size, lr=v.lr, log_every=v.log_every,
                                               seed=cfg.seed)
   log.info("[teach] vision phase: %d training images, %d steps of %d", len(names), v.steps, v.batch_size)
@@ -158,9 +157,9 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
 
   # The base before teaching (teach's own checkpoint would be F once this stage has finished).
   model, tokenizer = common.load_base_model(cfg, workdir, prepare.checkpoint_dir(cfg, workdir))
-  vision = teach_vision(model, cfg, workdir, out, images) if t.vision.steps else None
+  vision = teach_vision(model, cfg, workdir, out, splits) if t.vision.steps else None
   params = trainable(model, cfg)
-  ds = sft.sft_dataset(examples, load=pipeline.FileImages(images), tokenizer=tokenizer,
+  ds = sft.sft_dataset(examples, load=data_source.image_loader(cfg, workdir, splits), tokenizer=tokenizer,
                        encode_cfg=common.encode_config(cfg), cfg=scfg, seed=cfg.seed)
   objective = trainer.Objective(
       trainable=params, dataset=ds,

@@ -19,13 +19,12 @@ from typing import Optional, Sequence
 import numpy as np
 from ml_collections import ConfigDict
 
-from recall_jax.data import pipeline
 from recall_jax.data.prompts import join_captions
 from recall_jax.data.records import CIRSplit
 from recall_jax.eval.results import write_json_atomic
 from recall_jax.generate import prompt_files
 from recall_jax.generate.sampler import Sampler
-from recall_jax.stages import calibrate, common
+from recall_jax.stages import calibrate, common, data_source
 
 log = logging.getLogger("recall_jax")
 
@@ -46,11 +45,8 @@ def run(cfg: ConfigDict, workdir: str, splits: Sequence[CIRSplit], out: str, *,
   if sampler is None:
     model, tokenizer = common.load_base_model(cfg, workdir, checkpoint)
     sampler = Sampler(model, tokenizer, cache_buckets=cfg.calibrate.prompt_lengths)
-  images: dict[str, str] = {}
-  for s in splits:
-    images.update(s.images)
   calibrator = calibrate.Calibrator(sampler, sampler.tokenizer, cfg.calibrate, common.encode_config(cfg),
-                                    pipeline.FileImages(images))
+                                    data_source.image_loader(cfg, workdir, splits))
   os.makedirs(out, exist_ok=True)
   for split in splits:
     tag = split.dataset + (f"_{split.category}" if split.category else "")
