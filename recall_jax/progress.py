@@ -24,9 +24,13 @@ class Progress:
   def start(self, done: int = 0) -> None:
     self._t0, self._done0 = time.perf_counter(), done
 
-  def line(self, done: int) -> str:
+  def rate(self, done: int) -> float:
+    """Units per second since the last `start()`."""
     elapsed = time.perf_counter() - self._t0
-    rate = (done - self._done0) / elapsed if elapsed > 0 else 0.0
+    return (done - self._done0) / elapsed if elapsed > 0 else 0.0
+
+  def line(self, done: int) -> str:
+    rate = self.rate(done)
     eta = (self.total - done) / rate if rate > 0 else float("nan")
     eta_s = format_duration(eta) if np.isfinite(eta) else "?"
     return f"{done}/{self.total} {self.unit} | {rate:.2f} {self.unit}/s | ETA {eta_s}"

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable
 
 from recall_jax import files
 from recall_jax.files import atomic_write_text
+from recall_jax.train import logging as tb_logging
 
 MANIFEST = "manifest.json"
 
@@ -204,5 +205,6 @@ def run_stage(workdir: str, stage: str, fn: Callable[[str], dict], *, log: Calla
   if current is not None:
     manifest.update(current)
   atomic_write_json(os.path.join(out, MANIFEST), manifest)
+  tb_logging.log_pictures(out)  # the stage's contact sheets and charts, beside its curves in TensorBoard
   log(f"[{stage}] finished in {manifest['seconds']:.1f}s")
   return manifest

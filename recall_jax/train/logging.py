@@ -8,7 +8,9 @@ import logging
 import os
 from typing import Mapping
 
+import jax
 import numpy as np
+from PIL import Image
 
 log = logging.getLogger("recall_jax")
 
@@ -44,3 +46,30 @@ class MetricWriter:
       self._tb.close()
     if self._jsonl is not None:
       self._jsonl.close()
+
+
+def log_pictures(stage_dir: str, *, step: int = 0) -> list[str]:
+  """Every PNG a stage wrote (retrievals, mined failures, generated texts, the report) into the stage's TensorBoard
+  events (<stage_dir>/tensorboard), tagged by its path in the stage folder. Returns those paths."""
+  names = []
+  for root, dirs, files in os.walk(stage_dir):
+    dirs[:] = sorted(d for d in dirs if d not in _NOT_PICTURES)
+    names += sorted(os.path.relpath(os.path.join(root, f), stage_dir) for f in files if f.endswith(".png"))
+  if names and jax.process_index() == 0:
+    from tensorboardX import SummaryWriter
+    tb = SummaryWriter(os.path.join(stage_dir, "tensorboard"))
+    try:
+      _add_images(tb, step, {f"pictures/{n[:-4]}": os.path.join(stage_dir, n) for n in names})
+    finally:
+      tb.close()
+  return names
+
+
+_NOT_PICTURES = {"tensorboard", "checkpoints", "superseded"}
+
+
+def _add_images(tb, step: int, images: Mapping[str, str]) -> None:
+  for tag, path in images.items():
+    with Image.open(path) as img:
+      tb.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")
+  tb.flush()

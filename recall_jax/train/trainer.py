@@ -37,7 +37,7 @@ from recall_jax.train import step as step_lib
 from recall_jax.train.checkpoint import Checkpoints
 from recall_jax.progress import Progress
 from recall_jax.train.logging import MetricWriter
-from recall_jax.train.optim import make_optimizer
+from recall_jax.train.optim import learning_rate_schedule, make_optimizer
 from recall_jax.train.preemption import Preempted, Preemption
 
 log = logging.getLogger("recall_jax")
@@ -157,6 +157,14 @@ def train(cfg: ConfigDict, model, tokenizer, queries: Sequence[Query], *, datase
                      compilations=result.compilations)
 
 
+def _pace(steps_per_s: float, train_cfg: ConfigDict) -> dict[str, float]:
+  """Throughput since the loop (re)started: steps/s, and examples/s where the loop has a global batch size."""
+  pace = {"steps_per_s": steps_per_s}
+  if train_cfg.get("global_batch_size"):
+    pace["examples_per_s"] = steps_per_s * train_cfg.global_batch_size
+  return pace
+
+
 def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: ConfigDict, seed: int, out_dir: str,
         eval_fn: Optional[EvalFn] = None, mesh: Optional[Mesh] = None, stop_after: Optional[int] = None,
         sharding_rules: Sequence[tuple[str, Sequence[Optional[str]]]] = ()) -> FitResult:
@@ -172,6 +180,7 @@ def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: Config
   model.train()
   graphdef, trained, rng_state, rest = nnx.split(model, objective.trainable, nnx.RngState, ...)
   frozen = (_replicate(rng_state, mesh), place_by_rules(rest, mesh, sharding_rules))
+  schedule = learning_rate_schedule(optim_cfg.lr, t.steps, optim_cfg.warmup_fraction)  # the rate AdamW applies
   tx = make_optimizer(lr=optim_cfg.lr, total_steps=t.steps, warmup_fraction=optim_cfg.warmup_fraction,
                       weight_decay=optim_cfg.weight_decay, b1=optim_cfg.b1, b2=optim_cfg.b2,
                       clip_norm=optim_cfg.clip_norm)
@@ -220,7 +229,8 @@ def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: Config
           means = {k: float(v) for k, v in interval.compute().items()}
           interval = None
           last_metrics = means
-          writer.write(step + 1, means, prefix="train/", progress=progress.line(step + 1))
+          writer.write(step + 1, {**means, **_pace(progress.rate(step + 1), t), "lr": float(schedule(step))},
+                       prefix="train/", progress=progress.line(step + 1))
         # Evaluate before saving the step, and save every evaluated step with its scores (the best is kept by the
         # preservation policy): a crash during the eval resumes from the checkpoint before it and evaluates this
         # step again, as an uninterrupted run does.

@@ -1,6 +1,8 @@
 """The contrastive trainer: exact resume after an interruption, GradCache and fsdp/data-parallel sharding compute the
 plain step's gradient, and the base weights stay frozen."""
 
+import json
+
 import jax
 import numpy as np
 import optax
@@ -14,6 +16,7 @@ from recall_jax.data import pipeline
 from recall_jax.data.image import ImageBuckets
 from recall_jax.models import qwen2_5_vl
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
+from recall_jax.train import optim
 from recall_jax.train import step as step_lib
 from recall_jax.train import trainer
 
@@ -56,6 +59,12 @@ def test_resume_after_interruption_equals_uninterrupted(fashioniq_train, tmp_pat
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   assert r1.last_metrics["loss"] == r2.last_metrics["loss"]
   assert r1.compilations == r2.compilations == 1  # static shapes: one compilation of the step per run
+  # Every logged step carries the learning rate AdamW applied at it and the loop's throughput.
+  logged = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
+  schedule = optim.learning_rate_schedule(1e-2, 6, _cfg().optim.warmup_fraction)
+  assert [r["step"] for r in logged] == list(range(1, 7))
+  np.testing.assert_allclose([r["train/lr"] for r in logged], [float(schedule(s)) for s in range(6)], rtol=1e-6)
+  assert all(r["train/steps_per_s"] > 0 and r["train/examples_per_s"] == 4 * r["train/steps_per_s"] for r in logged)
 
 
 def test_place_by_rules_shards_matching_params_and_replicates_the_rest():
