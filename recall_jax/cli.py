@@ -102,7 +102,7 @@ def evaluate(args) -> None:
   for split in _splits(rc, args.data_root, args.split, args.category):
     tag = split.dataset + (f"_{split.category}" if split.category else "")
     q, g = embedder.encode_split(split)
-    scores = retrieval.split_metrics(split, retrieval.rank_split(split, q, g, rc.protocol), rc.protocol)
+    scores = retrieval.evaluate_split(split, q, g, rc.protocol)["metrics"]
     summary[tag] = scores
     if split.category:
       per_category[split.category] = scores

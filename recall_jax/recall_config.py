@@ -64,11 +64,10 @@ class RecallConfig:
 
 def from_run_config(cfg, stage: str, base_checkpoint: str) -> RecallConfig:
   """What a training stage under `cfg` embeds with (common.encode_config, the model and data sections)."""
-  from recall_jax.stages import evaluate
   return RecallConfig(
       base_checkpoint=os.path.abspath(base_checkpoint), dtype=cfg.model.dtype, position_mode=cfg.model.position_mode,
       dataset=cfg.data.dataset, encode=common.encode_config(cfg), prompts=prompt_templates(cfg.data.dataset),
-      protocol=evaluate.protocol_from_config(cfg, cfg.data.dataset), categories=tuple(cfg.data.categories),
+      protocol=common.protocol(cfg, cfg.data.dataset), categories=tuple(cfg.data.categories),
       image_ext=cfg.data.image_ext, eval_batch_size=int(cfg.eval.batch_size), stage=stage)
 
 

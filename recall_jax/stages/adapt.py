@@ -12,7 +12,7 @@ from ml_collections import ConfigDict
 from recall_jax import recall_config
 from recall_jax.data.records import CIRSplit, Query
 from recall_jax.eval import encode, retrieval
-from recall_jax.stages import common, data_source, evaluate
+from recall_jax.stages import common, data_source
 from recall_jax.train import trainer
 
 log = logging.getLogger("recall_jax")
@@ -26,10 +26,10 @@ def val_eval_fn(cfg: ConfigDict, workdir: str, tokenizer, splits: Sequence[CIRSp
   def eval_fn(model) -> dict[str, float]:
     per_split = []
     for split, load in zip(splits, loads):
-      protocol = evaluate.protocol_from_config(cfg, split.dataset)
+      protocol = common.protocol(cfg, split.dataset)
       q, g = encode.encode_split(model, split, tokenizer=tokenizer, encode_cfg=encode_cfg,
                                  batch_size=cfg.eval.batch_size, load=load, mesh=mesh)
-      per_split.append(retrieval.split_metrics(split, retrieval.rank_split(split, q, g, protocol), protocol))
+      per_split.append(retrieval.evaluate_split(split, q, g, protocol)["metrics"])
     return {k: float(np.mean([m[k] for m in per_split])) for k in per_split[0]}
 
   return eval_fn

@@ -10,8 +10,9 @@ from ml_collections import ConfigDict
 from recall_jax.data import pipeline
 from recall_jax.data.image import ImageBuckets
 from recall_jax.data.records import CIRSplit
+from recall_jax.eval import retrieval
 from recall_jax.models import qwen2_5_vl
-from recall_jax.stages import data_source, prepare
+from recall_jax.stages import data_source, paths
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -43,7 +44,7 @@ def foundation_checkpoint(cfg: ConfigDict, workdir: str) -> str:
   from recall_jax.stages import artifacts
   if artifacts.is_done(workdir, "teach"):
     return artifacts.read_manifest(workdir, "teach")["checkpoint"]
-  return prepare.checkpoint_dir(cfg, workdir)
+  return paths.checkpoint_dir(cfg, workdir)
 
 
 def round_start_stage(round_num: int) -> str:
@@ -117,3 +118,14 @@ def read_splits(cfg: ConfigDict, workdir: str, split: str) -> list[CIRSplit]:
   """The configured dataset's splits (FashionIQ: one per category), in the configured data.format: the published
   layout under data.root (or the synthetic world's copy of it), or its ArrayRecord form (stages/data_source.py)."""
   return data_source.read_splits(cfg, workdir, split)
+
+
+def protocol(cfg: ConfigDict, dataset: str) -> dict:
+  """The evaluation protocol of `dataset` under the config (eval.exclude_reference, FashionIQ's data.caption_join):
+  one definition for Stage 1's model selection, the evaluate stage and the adapters' recall_config.json."""
+  out = retrieval.default_protocol(dataset)
+  if cfg.eval.exclude_reference is not None:
+    out["exclude_reference"] = bool(cfg.eval.exclude_reference)
+  if dataset == "fashioniq":
+    out["caption_join"] = cfg.data.caption_join
+  return out

@@ -17,15 +17,6 @@ from recall_jax.stages import artifacts, common, data_source, verify_queries
 log = logging.getLogger("recall_jax")
 
 
-def protocol_from_config(cfg: ConfigDict, dataset: str) -> dict:
-  protocol = retrieval.default_protocol(dataset)
-  if cfg.eval.exclude_reference is not None:
-    protocol["exclude_reference"] = bool(cfg.eval.exclude_reference)
-  if dataset == "fashioniq":
-    protocol["caption_join"] = cfg.data.caption_join
-  return protocol
-
-
 def models_to_evaluate(cfg: ConfigDict, workdir: str) -> tuple[list[tuple[str, Optional[str]]], list[int]]:
   """([(model tag, training stage whose adapters it uses)], rounds 1..config rounds not finished).
 
@@ -46,7 +37,7 @@ def evaluate_model(cfg: ConfigDict, workdir: str, out: str, model, tokenizer, ch
   summary, per_category, ranks = {}, {}, {}
   for split in common.read_splits(cfg, workdir, cfg.eval.split):
     tag = split.dataset + (f"_{split.category}" if split.category else "")
-    protocol = protocol_from_config(cfg, split.dataset)
+    protocol = common.protocol(cfg, split.dataset)
     load = data_source.image_loader(cfg, workdir, [split])
     q, g = encode.encode_split(model, split, tokenizer=tokenizer, encode_cfg=encode_cfg,
                                batch_size=cfg.eval.batch_size, load=load, mesh=mesh)

@@ -41,7 +41,7 @@ from recall_jax.data import pipeline, sft
 from recall_jax.data.synthetic.attributes import ATTRIBUTES, CATEGORIES, VALUES
 from recall_jax.data.synthetic.oracle import Oracle
 from recall_jax.models import lora, qwen2_5_vl
-from recall_jax.stages import artifacts, common, data_source, prepare, teach_cache
+from recall_jax.stages import artifacts, common, data_source, paths, teach_cache
 from recall_jax.train import generative, trainer, vision_pretrain
 
 log = logging.getLogger("recall_jax")
@@ -156,7 +156,7 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
   log.info("[teach] %d SFT examples from %d training triplets: %s", len(examples), len(queries), tasks)
 
   # The base before teaching (teach's own checkpoint would be F once this stage has finished).
-  model, tokenizer = common.load_base_model(cfg, workdir, prepare.checkpoint_dir(cfg, workdir))
+  model, tokenizer = common.load_base_model(cfg, workdir, paths.checkpoint_dir(cfg, workdir))
   vision = teach_vision(model, cfg, workdir, out, splits) if t.vision.steps else None
   params = trainable(model, cfg)
   ds = sft.sft_dataset(examples, load=data_source.image_loader(cfg, workdir, splits), tokenizer=tokenizer,
