@@ -60,6 +60,8 @@ def params_matching(regex: str):
 
 def host_batch(model_cfg, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
   """An SFT batch -> (per-example arrays, vision geometry of its B * k images). All images must share one bucket."""
+  if "loss_weights" not in batch:  # sft batches always carry them; a batch without them is not an SFT batch
+    raise KeyError(f"an SFT batch needs 'loss_weights' (sft.sft_dataset writes them); got keys {sorted(batch)}")
   grids = np.asarray(batch["image_grid_thw"])
   b, k = grids.shape[:2]
   flat = grids.reshape(-1, 3)
@@ -72,8 +74,7 @@ def host_batch(model_cfg, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.nd
       "input_ids": ids.astype(np.int32),
       "attention_mask": mask.astype(np.int32),
       "labels": np.asarray(batch["labels"], np.int32),
-      "loss_weights": np.asarray(batch["loss_weights"] if "loss_weights" in batch else
-                                 batch["labels"] != IGNORE, np.float32),
+      "loss_weights": np.asarray(batch["loss_weights"], np.float32),
       "position_ids": np.swapaxes(position_ids_for(model_cfg, ids, mask, flat), 0, 1).astype(np.int32),
       "pixel_values": np.asarray(batch["pixel_values"][:, :, :patches], np.float32).reshape(b, k * patches, -1),
   }

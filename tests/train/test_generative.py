@@ -136,3 +136,8 @@ def test_steps_on_a_fixed_batch_reduce_the_loss_and_train_only_the_selected_para
     if k[0] == "visual":  # not selected: frozen, bit-identical
       np.testing.assert_array_equal(np.asarray(v), np.asarray(fresh[k]), err_msg=str(k))
   assert not np.array_equal(np.asarray(now[("lm_head", "kernel")]), np.asarray(fresh[("lm_head", "kernel")]))
+
+
+def test_a_batch_without_loss_weights_is_refused_not_given_plain_weights():
+  with pytest.raises(KeyError, match="loss_weights"):
+    generative.host_batch(None, {"labels": np.zeros((1, 4), np.int32), "input_ids": np.zeros((1, 4), np.int32)})
