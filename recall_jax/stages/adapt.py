@@ -13,7 +13,8 @@ from recall_jax import recall_config
 from recall_jax.data.records import CIRSplit, Query
 from recall_jax.eval import encode, retrieval
 from recall_jax.stages import common, data_source
-from recall_jax.train import trainer
+from recall_jax.train import settings, trainer
+from recall_jax.train.step import LossConfig
 
 log = logging.getLogger("recall_jax")
 
@@ -36,9 +37,10 @@ def val_eval_fn(cfg: ConfigDict, workdir: str, tokenizer, splits: Sequence[CIRSp
 
 
 def train_on(cfg: ConfigDict, workdir: str, out: str, queries: Sequence[Query], splits: Sequence[CIRSplit], *,
-             grouped: bool, model=None, tokenizer=None, stop_after: Optional[int] = None) -> dict:
+             grouped: bool, model=None, tokenizer=None, stop_after: Optional[int] = None,
+             loop: Optional[settings.LoopConfig] = None, loss: Optional[LossConfig] = None) -> dict:
   """Shared by Stage 1 and Stage 4: train adapters on `queries` (their images: those of `splits`), evaluating on
-  the val split."""
+  the val split. `loop` and `loss` default to config train and loss."""
   mesh = common.training_mesh(cfg)
   if model is None:
     model, tokenizer = common.load_base_model(cfg, workdir, mesh=mesh)
@@ -46,7 +48,7 @@ def train_on(cfg: ConfigDict, workdir: str, out: str, queries: Sequence[Query], 
   result = trainer.train(
       cfg, model, tokenizer, queries, dataset=cfg.data.dataset, load=data_source.image_loader(cfg, workdir, splits),
       encode_cfg=common.encode_config(cfg), out_dir=out, eval_fn=val_eval_fn(cfg, workdir, tokenizer, val, mesh),
-      grouped=grouped, stop_after=stop_after, mesh=mesh)
+      grouped=grouped, stop_after=stop_after, mesh=mesh, loop=loop, loss=loss)
   return {"steps": result.steps, "adapter_dir": result.adapter_dir, "best_step": result.best_step,
           "best_val_metrics": result.best_metrics, "last_train_metrics": result.last_metrics,
           "train_queries": len(queries)}

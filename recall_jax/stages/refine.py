@@ -9,7 +9,7 @@ grouped = False uses plain shuffled batches and turns the triplet loss off."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
 import os
 
@@ -20,6 +20,7 @@ from recall_jax.data.records import Query
 from recall_jax.models import peft_io
 from recall_jax.models.qwen2_5_vl import names as qwen_names
 from recall_jax.stages import adapt, artifacts, common
+from recall_jax.train import settings
 
 log = logging.getLogger("recall_jax")
 
@@ -79,21 +80,20 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, round_num: int = 1) -> dict:
   log.info("[refine] mode %s: %d original triplets + %d %s", mode, len(originals), len(extra),
            "hard negatives" if mode == "hard_negative" else "corrective triplets")
 
-  rcfg = copy.deepcopy(cfg)
-  with rcfg.unlocked():
-    rcfg.train.steps = cfg.refine.steps
-    rcfg.loss.triplet_weight = cfg.refine.triplet_weight if cfg.refine.grouped else 0.0  # random batches: no groups
-    rcfg.loss.infonce_weight = cfg.refine.infonce_weight
-    rcfg.loss.margin = cfg.refine.margin
+  # Stage 1's loop and loss, with refine's steps and weights.
+  loop = dataclasses.replace(settings.train_loop(cfg.train), steps=cfg.refine.steps)
+  loss = dataclasses.replace(
+      settings.loss(cfg.loss), infonce_weight=cfg.refine.infonce_weight, margin=cfg.refine.margin,
+      triplet_weight=cfg.refine.triplet_weight if cfg.refine.grouped else 0.0)  # random batches: no groups
   model, tokenizer = common.load_base_model(cfg, workdir, mesh=common.training_mesh(cfg))
   # Continue from R_base (or round r-1); the trainer starts a fresh optimizer.
   peft_io.import_peft(model, start_adapters, names=qwen_names.PEFT_NAMES)
-  manifest = adapt.train_on(rcfg, workdir, out, queries, splits, grouped=cfg.refine.grouped,
-                            model=model, tokenizer=tokenizer)
+  manifest = adapt.train_on(cfg, workdir, out, queries, splits, grouped=cfg.refine.grouped,
+                            model=model, tokenizer=tokenizer, loop=loop, loss=loss)
   manifest.update(mode=mode, grouped=bool(cfg.refine.grouped), original_triplets=len(originals),
                   corrective_triplets=len(extra) if mode == "corrective" else 0,
                   hard_negatives=len(extra) if mode == "hard_negative" else 0,
-                  triplet_weight=rcfg.loss.triplet_weight,
+                  triplet_weight=loss.triplet_weight,
                   initialised_from=start_adapters, round=round_num,
                   base_checkpoint=common.foundation_checkpoint(cfg, workdir))
   recall_config.write(manifest["adapter_dir"], cfg, artifacts.round_stage("refine", round_num),

@@ -42,7 +42,7 @@ from recall_jax.data.synthetic.attributes import ATTRIBUTES, CATEGORIES, VALUES
 from recall_jax.data.synthetic.oracle import Oracle
 from recall_jax.models import lora, qwen2_5_vl
 from recall_jax.stages import artifacts, common, data_source, paths, teach_cache
-from recall_jax.train import generative, trainer, vision_pretrain
+from recall_jax.train import generative, settings, trainer, vision_pretrain
 
 log = logging.getLogger("recall_jax")
 
@@ -117,12 +117,6 @@ def trainable(model, cfg: ConfigDict):
   return nnx.LoRAParam
 
 
-def _loop_config(t: ConfigDict) -> ConfigDict:
-  return ConfigDict({"steps": t.steps, "log_every": t.log_every, "checkpoint_every": t.checkpoint_every,
-                     "eval_every": t.probe_every or t.steps, "keep_checkpoints": t.keep_checkpoints,
-                     "best_metric": "", "data_threads": t.data_threads, "data_workers": 0})
-
-
 def image_probe(cfg: ConfigDict, workdir: str, tokenizer):
   """model -> the image dependence of F's P(yes) (and its mean) on a few val images, logged during teaching (the
   first probe's model learned to ignore the image first); nothing is selected by it."""
@@ -165,7 +159,8 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
       trainable=params, dataset=ds,
       host_batch=lambda batch: generative.host_batch(model.cfg, batch),
       make_step=generative.make_train_step)
-  result = trainer.fit(model, objective, train_cfg=_loop_config(t), optim_cfg=t.optim, seed=cfg.seed, out_dir=out,
+  result = trainer.fit(model, objective, loop=settings.teach_loop(t), optim=settings.optimizer(t.optim),
+                       seed=cfg.seed, out_dir=out,
                        mesh=parallel.make_mesh(tuple(cfg.mesh.shape)),
                        eval_fn=image_probe(cfg, workdir, tokenizer) if t.probe_every else None)
   if result.steps != t.steps:

@@ -33,26 +33,17 @@ from recall_jax.data import pipeline
 from recall_jax.data.records import Query
 from recall_jax.models import lora, peft_io
 from recall_jax.models.qwen2_5_vl import names as qwen_names
+from recall_jax.train import settings
 from recall_jax.train import step as step_lib
 from recall_jax.train.checkpoint import Checkpoints
 from recall_jax.progress import Progress
 from recall_jax.train.logging import MetricWriter
-from recall_jax.train.optim import learning_rate_schedule, make_optimizer
 from recall_jax.train.preemption import Preempted, Preemption
+from recall_jax.train.settings import LoopConfig, OptimConfig
 
 log = logging.getLogger("recall_jax")
 
 EvalFn = Callable[[Any], dict[str, float]]
-
-
-@dataclasses.dataclass
-class TrainResult:
-  steps: int
-  adapter_dir: str
-  best_step: Optional[int]
-  best_metrics: Optional[dict]
-  last_metrics: dict
-  compilations: int
 
 
 def add_adapters(model, cfg: ConfigDict, seed: int) -> list[str]:
@@ -60,13 +51,6 @@ def add_adapters(model, cfg: ConfigDict, seed: int) -> list[str]:
   return lora.apply_lora(model, c.target_regex or qwen_names.LORA_TARGET_REGEX, rank=c.rank, alpha=c.alpha,
                          dropout=c.dropout, use_dora=c.use_dora, init=c.init,
                          rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-
-
-def loss_config(cfg: ConfigDict) -> step_lib.LossConfig:
-  c = cfg.loss
-  return step_lib.LossConfig(temperature=c.temperature, infonce_weight=c.infonce_weight,
-                             triplet_weight=c.triplet_weight, margin=c.margin, symmetric=c.symmetric,
-                             mask_duplicate_targets=c.mask_duplicate_targets)
 
 
 def _replicate(tree, mesh: Optional[Mesh]):
@@ -106,26 +90,31 @@ class Objective:
   make_step: Callable[[nnx.GraphDef, optax.GradientTransformation], Callable]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class FitResult:
   steps: int
   best_step: Optional[int]
   best_metrics: Optional[dict]
   last_metrics: dict
   compilations: int  # of the jitted step in this call: 1 when shapes stay static
+  adapter_dir: Optional[str] = None  # `train`: where the PEFT export went (written once all steps are done)
 
 
 def train(cfg: ConfigDict, model, tokenizer, queries: Sequence[Query], *, dataset: str, load: pipeline.ImageLoader,
           encode_cfg: pipeline.EncodeConfig, out_dir: str, eval_fn: Optional[EvalFn] = None,
-          mesh: Optional[Mesh] = None, grouped: bool = False, stop_after: Optional[int] = None) -> TrainResult:
+          mesh: Optional[Mesh] = None, grouped: bool = False, stop_after: Optional[int] = None,
+          loop: Optional[LoopConfig] = None, loss: Optional[step_lib.LossConfig] = None) -> FitResult:
   """The contrastive objective: trains adapters on `queries` (training triplets); `model` gets adapters attached
   (or keeps the ones it has), exported in PEFT format to <out_dir>/adapters at the end.
 
-  cfg: the run config (sections train, lora, loss, optim). eval_fn(model) -> {metric: value} runs every
-  cfg.train.eval_every steps; the best checkpoint by cfg.train.best_metric is kept. `stop_after` ends the loop early
-  after that many steps of this call (a test hook standing in for a killed process).
+  cfg: the run config (sections train, lora, loss, optim, seed, mesh, sharding). `loop` and `loss` default to
+  config train and loss (refine passes its own). eval_fn(model) -> {metric: value} runs every loop.eval_every steps;
+  the best checkpoint by loop.best_metric is kept. `stop_after` ends the loop early after that many steps of this
+  call (a test hook standing in for a killed process).
   """
   t = cfg.train
+  loop = loop or settings.train_loop(t)
+  loss = loss or settings.loss(cfg.loss)
   if not lora.lora_modules(model):
     names = add_adapters(model, cfg, cfg.seed)
     log.info("[train] adapters on %d modules (rank %d, alpha %g, dora=%s)", len(names), cfg.lora.rank,
@@ -143,47 +132,42 @@ def train(cfg: ConfigDict, model, tokenizer, queries: Sequence[Query], *, datase
 
   objective = Objective(
       trainable=nnx.LoRAParam, dataset=ds, host_batch=host_batch,
-      make_step=lambda graphdef, tx: step_lib.make_train_step(graphdef, tx, loss_config(cfg), num_chunks=num_chunks))
-  result = fit(model, objective, train_cfg=t, optim_cfg=cfg.optim, seed=cfg.seed, out_dir=out_dir, eval_fn=eval_fn,
-               mesh=mesh or parallel.make_mesh(tuple(cfg.mesh.shape)), stop_after=stop_after,
+      make_step=lambda graphdef, tx: step_lib.make_train_step(graphdef, tx, loss, num_chunks=num_chunks))
+  result = fit(model, objective, loop=loop, optim=settings.optimizer(cfg.optim), seed=cfg.seed, out_dir=out_dir,
+               eval_fn=eval_fn, mesh=mesh or parallel.make_mesh(tuple(cfg.mesh.shape)), stop_after=stop_after,
                sharding_rules=parallel.rules_from_config(cfg))
   adapter_dir = os.path.join(out_dir, "adapters")
-  if result.steps == t.steps and jax.process_index() == 0:
+  if result.steps == loop.steps and jax.process_index() == 0:
     # The base: the checkpoint the model was loaded from (the stages load common.foundation_checkpoint).
     peft_io.export_peft(model, adapter_dir, names=qwen_names.PEFT_NAMES,
                         base_model_name_or_path=getattr(model, "name_or_path", None))
-  return TrainResult(steps=result.steps, adapter_dir=adapter_dir, best_step=result.best_step,
-                     best_metrics=result.best_metrics, last_metrics=result.last_metrics,
-                     compilations=result.compilations)
+  return dataclasses.replace(result, adapter_dir=adapter_dir)
 
 
-def _pace(steps_per_s: float, train_cfg: ConfigDict) -> dict[str, float]:
+def _pace(steps_per_s: float, loop: LoopConfig) -> dict[str, float]:
   """Throughput since the loop (re)started: steps/s, and examples/s where the loop has a global batch size."""
   pace = {"steps_per_s": steps_per_s}
-  if train_cfg.get("global_batch_size"):
-    pace["examples_per_s"] = steps_per_s * train_cfg.global_batch_size
+  if loop.global_batch_size:
+    pace["examples_per_s"] = steps_per_s * loop.global_batch_size
   return pace
 
 
-def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: ConfigDict, seed: int, out_dir: str,
+def fit(model, objective: Objective, *, loop: LoopConfig, optim: OptimConfig, seed: int, out_dir: str,
         eval_fn: Optional[EvalFn] = None, mesh: Optional[Mesh] = None, stop_after: Optional[int] = None,
         sharding_rules: Sequence[tuple[str, Sequence[Optional[str]]]] = ()) -> FitResult:
   """The loop both objectives share; updates `model` in place with the final (or best) trained parameters.
 
-  train_cfg: steps, log_every, checkpoint_every, eval_every, keep_checkpoints, best_metric, data_threads,
-  data_workers. optim_cfg: the optax AdamW settings (lr, warmup_fraction, weight_decay, b1, b2, clip_norm).
+  loop: the schedule (steps, logging, checkpoint and eval intervals, data threads). optim: AdamW's settings.
   mesh: default all devices on the data axis. sharding_rules: (regex, PartitionSpec) for the frozen parameters
   (config `sharding.rules`; first match wins, default replicated); trained parameters are replicated.
   """
-  t = train_cfg
+  t = loop
   mesh = mesh or parallel.make_mesh((-1, 1, 1))
   model.train()
   graphdef, trained, rng_state, rest = nnx.split(model, objective.trainable, nnx.RngState, ...)
   frozen = (_replicate(rng_state, mesh), place_by_rules(rest, mesh, sharding_rules))
-  schedule = learning_rate_schedule(optim_cfg.lr, t.steps, optim_cfg.warmup_fraction)  # the rate AdamW applies
-  tx = make_optimizer(lr=optim_cfg.lr, total_steps=t.steps, warmup_fraction=optim_cfg.warmup_fraction,
-                      weight_decay=optim_cfg.weight_decay, b1=optim_cfg.b1, b2=optim_cfg.b2,
-                      clip_norm=optim_cfg.clip_norm)
+  schedule = optim.schedule(t.steps)  # the rate AdamW applies
+  tx = optim.optimizer(t.steps)
   pure = nnx.to_pure_dict(trained)
   # Every leaf (optimizer counters included) on the mesh, so fresh, stepped and restored states share one signature
   # and the step compiles once.
@@ -199,7 +183,7 @@ def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: Config
     state, meta = ckpt.restore(_abstract(state), data_iterator=iterator)
     start = int(meta["step"])
     if start > t.steps:
-      raise ValueError(f"{ckpt.directory}: the checkpoint is at step {start}, past train.steps = {t.steps}; use "
+      raise ValueError(f"{ckpt.directory}: the checkpoint is at step {start}, past {t.section}.steps = {t.steps}; use "
                        f"another out_dir (or keep the steps) instead of a run made for more steps")
     log.info("[train] resumed from step %d (%s)", start, ckpt.latest_step())
 

@@ -57,8 +57,8 @@ def trained(monkeypatch, tmp_path):
   monkeypatch.setattr(common, "load_base_model", lambda *a, **k: (None, None))
   monkeypatch.setattr(refine.peft_io, "import_peft", lambda model, path, names: None)
 
-  def train_on(cfg, workdir, out, queries, images, *, grouped, model=None, tokenizer=None):
-    calls.append({"cfg": cfg, "queries": list(queries), "grouped": grouped})
+  def train_on(cfg, workdir, out, queries, images, *, grouped, model=None, tokenizer=None, loop, loss):
+    calls.append({"loop": loop, "loss": loss, "queries": list(queries), "grouped": grouped})
     return {"adapter_dir": os.path.join(out, "adapters")}
 
   monkeypatch.setattr(refine.adapt, "train_on", train_on)
@@ -81,7 +81,11 @@ def test_corrective_mode_adds_the_kept_rewrites_to_their_groups(workdir, trained
   assert [q.captions for q in extra] == [("rewrite 0",), ("rewrite 1",)]
   assert [q.group_key for q in extra] == [split.queries[0].group_key, split.queries[1].group_key]
   assert not any(q.negative_only for q in extra) and [q.target for q in extra] == [r["instance"] for r in mined[:2]]
-  assert call["grouped"] and call["cfg"].loss.triplet_weight == pytest.approx(0.1)
+  assert call["grouped"] and call["loss"].triplet_weight == pytest.approx(0.1)
+  r = _config().refine  # refine's weights and margin, Stage 1's temperature
+  assert (call["loss"].infonce_weight, call["loss"].margin) == (r.infonce_weight, r.margin) != (
+      _config().loss.infonce_weight, _config().loss.margin)
+  assert call["loss"].temperature == _config().loss.temperature
   assert (manifest["mode"], manifest["corrective_triplets"], manifest["hard_negatives"]) == ("corrective", 2, 0)
 
 
@@ -91,7 +95,7 @@ def test_originals_mode_uses_no_corrective_triplets(workdir, trained):
   assert call["queries"] == list(split.queries)
   assert (manifest["mode"], manifest["corrective_triplets"], manifest["original_triplets"]) == (
       "originals", 0, len(split.queries))
-  assert call["cfg"].train.steps == _config().refine.steps  # the same steps: only the signal differs
+  assert call["loop"].steps == _config().refine.steps  # the same steps: only the signal differs
 
 
 def test_hard_negative_mode_adds_negative_only_instances(workdir, trained):
@@ -108,7 +112,7 @@ def test_hard_negative_mode_adds_negative_only_instances(workdir, trained):
 def test_plain_batches_turn_the_triplet_loss_off(workdir, trained):
   workdir, _, _ = workdir
   manifest, call = trained(workdir, grouped=False)
-  assert not call["grouped"] and call["cfg"].loss.triplet_weight == 0.0
+  assert not call["grouped"] and call["loss"].triplet_weight == 0.0
   assert not manifest["grouped"] and manifest["triplet_weight"] == 0.0
 
 

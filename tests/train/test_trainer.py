@@ -18,7 +18,7 @@ from recall_jax.models import qwen2_5_vl
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
 from recall_jax.train import optim
 from recall_jax.train import step as step_lib
-from recall_jax.train import trainer
+from recall_jax.train import settings, trainer
 
 
 def _cfg(steps=6, batch=4, chunk=0, dropout=0.1):
@@ -92,7 +92,7 @@ def _grads(model, cfg, batch, *, num_chunks=1, mesh=None, rules=()):
   adapters = jax.device_put(nnx.to_pure_dict(trained), NamedSharding(mesh, P()))
   arrays, geometry = step_lib.host_batch(model.cfg, batch, images_per_call=len(batch["valid"]) // num_chunks)
   arrays = jax.tree.map(lambda x: jax.device_put(x, parallel.batch_sharding(mesh, x.ndim)), arrays)
-  grad_fn = jax.jit(step_lib.make_grad_fn(graphdef, trainer.loss_config(cfg), num_chunks=num_chunks))
+  grad_fn = jax.jit(step_lib.make_grad_fn(graphdef, settings.loss(cfg.loss), num_chunks=num_chunks))
   (loss, _), grads = grad_fn(adapters, frozen, arrays, geometry, jax.random.key(0))
   model.eval()
   return float(loss), {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(nnx.State(grads))}
@@ -112,7 +112,7 @@ def test_the_steps_randomness_comes_from_the_carried_key_and_step(fashioniq_trai
                                  grouped=False)[0]
   arrays, geometry = step_lib.host_batch(model.cfg, batch, images_per_call=4)
   tx = optax.sgd(1.0)
-  step = step_lib.make_train_step(graphdef, tx, trainer.loss_config(cfg))
+  step = step_lib.make_train_step(graphdef, tx, settings.loss(cfg.loss))
   pure = nnx.to_pure_dict(trained)
 
   def lora_b_after(seed, at_step):
