@@ -120,7 +120,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.teach.lora.init = "kaiming"
   c.teach.optim = ml_collections.ConfigDict(
       {"lr": 1e-4, "warmup_fraction": 0.05, "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "clip_norm": 1.0})
-  # "describe": yes/no answers and rewrites first put what the pictures show into words (data/sft.py); "direct".
+  # "describe": yes/no answers and rewrites first put what the pictures show into words (generate/sft.py); "direct".
   c.teach.reasoning = "direct"
   c.teach.vqa_pairs = 1  # true/false question pairs per training image, each on its own attribute
   c.teach.repeats = ml_collections.ConfigDict()  # task -> k: its examples k times per epoch (e.g. {"rewrite": 3})
@@ -157,7 +157,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.calibrate.vqa_threshold = 0.95
   c.calibrate.vqa_filter = True  # False (Table 4 "+ CoT generation"): keep every parsed rewrite; P(yes) still recorded
   c.calibrate.answer_words = ("no", "yes")  # P(yes) = softmax over the first token of each, at the answer position
-  # "describe": F writes what the pictures show, then P(yes) is read after "Answer:" (data/sft.py); "direct".
+  # "describe": F writes what the pictures show, then P(yes) is read after "Answer:" (generate/sft.py); "direct".
   c.calibrate.verify_reasoning = "direct"
   c.calibrate.describe_max_tokens = 64
   c.calibrate.decomposed_verification = False  # also verify one statement per intent; P(yes) = min over all

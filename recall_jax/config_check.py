@@ -33,7 +33,7 @@ _MISSING = object()
 
 
 def _enums() -> dict[str, Sequence[Any]]:
-  from recall_jax.data import sft
+  from recall_jax.generate import sft
   from recall_jax.data.readers import common as readers
   from recall_jax.generate import decide, parse
   from recall_jax.models import lora

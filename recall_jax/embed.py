@@ -80,18 +80,18 @@ class Embedder:
 
     from recall_jax.models import lora, peft_io, qwen2_5_vl
     from recall_jax.models.qwen2_5_vl import names as qwen_names
-    from recall_jax.stages import common
+    from recall_jax.models.dtypes import DTYPES
     rc = recall_config.read(adapter_dir)
     checkpoint = checkpoint or rc.base_checkpoint
     dtype = dtype or rc.dtype
     position_mode = position_mode or rc.position_mode
-    if dtype not in common.DTYPES:
-      raise ValueError(f"Embedder.from_pretrained dtype must be one of {sorted(common.DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+      raise ValueError(f"Embedder.from_pretrained dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if not os.path.isfile(os.path.join(checkpoint, "config.json")):
       raise FileNotFoundError(f"base checkpoint {checkpoint} (base_checkpoint of "
                               f"{os.path.join(adapter_dir, recall_config.FILENAME)}) has no config.json: pass "
                               "checkpoint= where the base now is")
-    model = qwen2_5_vl.from_pretrained(checkpoint, dtype=common.DTYPES[dtype], position_mode=position_mode)
+    model = qwen2_5_vl.from_pretrained(checkpoint, dtype=DTYPES[dtype], position_mode=position_mode)
     peft_io.import_peft(model, adapter_dir, names=qwen_names.PEFT_NAMES)
     lora.merge_lora(model)
     identity = {

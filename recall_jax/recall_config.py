@@ -17,8 +17,8 @@ from typing import Any, Optional, get_args
 from recall_jax import files
 from recall_jax.data import pipeline, prompts
 from recall_jax.data.image import ImageBuckets
+from recall_jax.models.dtypes import DTYPES
 from recall_jax.models.qwen2_5_vl.config import PositionMode
-from recall_jax.stages import common
 
 FILENAME = "recall_config.json"
 FORMAT = 1
@@ -62,18 +62,9 @@ class RecallConfig:
             "protocol": dict(self.protocol), "eval_batch_size": self.eval_batch_size}
 
 
-def from_run_config(cfg, stage: str, base_checkpoint: str) -> RecallConfig:
-  """What a training stage under `cfg` embeds with (common.encode_config, the model and data sections)."""
-  return RecallConfig(
-      base_checkpoint=os.path.abspath(base_checkpoint), dtype=cfg.model.dtype, position_mode=cfg.model.position_mode,
-      dataset=cfg.data.dataset, encode=common.encode_config(cfg), prompts=prompt_templates(cfg.data.dataset),
-      protocol=common.protocol(cfg, cfg.data.dataset), categories=tuple(cfg.data.categories),
-      image_ext=cfg.data.image_ext, eval_batch_size=int(cfg.eval.batch_size), stage=stage)
-
-
-def write(adapter_dir: str, cfg, stage: str, base_checkpoint: str) -> str:
-  return files.atomic_write_json(os.path.join(adapter_dir, FILENAME),
-                                 from_run_config(cfg, stage, base_checkpoint).to_dict(), indent=1, sort_keys=True)
+def write(adapter_dir: str, rc: RecallConfig) -> str:
+  """<adapter_dir>/recall_config.json (the training stages build `rc` with `stages.common.adapter_recall_config`)."""
+  return files.atomic_write_json(os.path.join(adapter_dir, FILENAME), rc.to_dict(), indent=1, sort_keys=True)
 
 
 class _Reader:
@@ -149,7 +140,7 @@ def read(adapter_dir: str) -> RecallConfig:
   if not all(isinstance(c, str) for c in categories):
     raise ValueError(f"{path}: key 'categories' must be a list of strings, got {categories!r}")
   return RecallConfig(
-      base_checkpoint=r.get("base_checkpoint", str), dtype=r.choice("dtype", tuple(common.DTYPES)),
+      base_checkpoint=r.get("base_checkpoint", str), dtype=r.choice("dtype", tuple(DTYPES)),
       position_mode=r.choice("position_mode", get_args(PositionMode)), dataset=dataset, encode=encode,
       prompts=dict(recorded), protocol=r.get("protocol", dict), categories=tuple(categories),
       image_ext=r.get("image_ext", str), eval_batch_size=r.get("eval_batch_size", int), stage=r.get("stage", str))

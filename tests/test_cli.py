@@ -54,7 +54,7 @@ def world(tmp_path_factory):
   adapters = os.path.join(workdir, "adapt", "adapters")
   base = common.foundation_checkpoint(cfg, workdir)
   peft_io.export_peft(model, adapters, names=qwen_names.PEFT_NAMES, base_model_name_or_path=base)
-  recall_config.write(adapters, cfg, "adapt", base)
+  recall_config.write(adapters, common.adapter_recall_config(cfg, "adapt", base))
   return workdir, adapters
 
 

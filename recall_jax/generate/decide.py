@@ -26,7 +26,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from recall_jax.data import pipeline, prompts, sft
+from recall_jax.data import pipeline, prompts
+from recall_jax.generate import sft
 
 REASONING = sft.REASONING
 

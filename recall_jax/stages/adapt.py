@@ -62,5 +62,6 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
   # The base these adapters belong to (R_base starts from F): checked whenever they are merged again.
   manifest["base_checkpoint"] = common.foundation_checkpoint(cfg, workdir)
   # Beside the adapters, the preprocessing they were trained with, for Embedder.from_pretrained.
-  recall_config.write(manifest["adapter_dir"], cfg, "adapt", manifest["base_checkpoint"])
+  recall_config.write(manifest["adapter_dir"],
+                      common.adapter_recall_config(cfg, "adapt", manifest["base_checkpoint"]))
   return manifest

@@ -47,7 +47,8 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from recall_jax import faults, viz
-from recall_jax.data import pipeline, sft
+from recall_jax.data import pipeline
+from recall_jax.generate import sft
 from recall_jax.data.synthetic import TextParseError
 from recall_jax.data.synthetic.oracle import Oracle
 from recall_jax.generate import decide, parse, prompt_files

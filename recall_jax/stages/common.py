@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import os
 
-import jax.numpy as jnp
 from ml_collections import ConfigDict
 
+from recall_jax import recall_config
 from recall_jax.data import pipeline
 from recall_jax.data.image import ImageBuckets
 from recall_jax.data.records import CIRSplit
 from recall_jax.eval import retrieval
 from recall_jax.models import qwen2_5_vl
+from recall_jax.models.dtypes import DTYPES
 from recall_jax.stages import data_source, paths
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def load_base_model(cfg: ConfigDict, workdir: str, checkpoint: str | None = None, *, mesh=None):
@@ -129,3 +128,12 @@ def protocol(cfg: ConfigDict, dataset: str) -> dict:
   if dataset == "fashioniq":
     out["caption_join"] = cfg.data.caption_join
   return out
+
+
+def adapter_recall_config(cfg: ConfigDict, stage: str, base_checkpoint: str) -> recall_config.RecallConfig:
+  """What adapters trained by `stage` under `cfg` embed with (written beside them as recall_config.json)."""
+  return recall_config.RecallConfig(
+      base_checkpoint=os.path.abspath(base_checkpoint), dtype=cfg.model.dtype, position_mode=cfg.model.position_mode,
+      dataset=cfg.data.dataset, encode=encode_config(cfg), prompts=recall_config.prompt_templates(cfg.data.dataset),
+      protocol=protocol(cfg, cfg.data.dataset), categories=tuple(cfg.data.categories),
+      image_ext=cfg.data.image_ext, eval_batch_size=int(cfg.eval.batch_size), stage=stage)

@@ -24,7 +24,7 @@ from recall_jax.stages import paths
 # Dotted names pick one field of another stage's section: the fields a stage reads before that stage runs.
 _TEMPLATES = ("calibrate.prompt_dir", "calibrate.prompt_mode")
 SECTIONS = {
-    # The world tokenizer's corpus holds the rewrite / verification prompts and answers (data/synthetic/corpus.py).
+    # The world tokenizer's corpus holds the rewrite / verification prompts and answers (stages/tokenizer_corpus.py).
     "prepare": ("world", "model", "data") + _TEMPLATES + ("teach.reasoning",),
     # Teach trains on Stage 3's prompts. (Its quality figures are measured with calibrate's decoding settings, which
     # its manifest records; changing those alone does not teach F again.)

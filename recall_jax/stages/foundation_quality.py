@@ -28,7 +28,8 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from recall_jax.data import prompts, sft
+from recall_jax.data import prompts
+from recall_jax.generate import sft
 from recall_jax.data.records import Query
 from recall_jax.data.synthetic import language
 from recall_jax.data.synthetic.oracle import Oracle

@@ -16,7 +16,7 @@ from ml_collections import ConfigDict
 
 from recall_jax.data.synthetic import generate_world
 from recall_jax.models import qwen2_5_vl
-from recall_jax.data.synthetic.corpus import world_corpus
+from recall_jax.stages.tokenizer_corpus import world_corpus
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
 from recall_jax.models.qwen2_5_vl.world_tokenizer import build_world_tokenizer
 from recall_jax.stages import data_source

@@ -96,6 +96,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, round_num: int = 1) -> dict:
                   triplet_weight=loss.triplet_weight,
                   initialised_from=start_adapters, round=round_num,
                   base_checkpoint=common.foundation_checkpoint(cfg, workdir))
-  recall_config.write(manifest["adapter_dir"], cfg, artifacts.round_stage("refine", round_num),
-                      manifest["base_checkpoint"])  # the preprocessing, for Embedder.from_pretrained
+  # The preprocessing, for Embedder.from_pretrained.
+  recall_config.write(manifest["adapter_dir"], common.adapter_recall_config(
+      cfg, artifacts.round_stage("refine", round_num), manifest["base_checkpoint"]))
   return manifest

@@ -5,7 +5,7 @@ Two phases, both on the training split's scene graphs (never val / test):
      (`train.vision_pretrain`): the tiny random tower reads nothing, and a yes/no fine-tuning of a blind tower
      teaches the LLM to ignore the image;
   2. generative fine-tuning on captions, yes/no questions, the rewrite and the verification prompts
-     (recall_jax.data.sft; teach.reasoning = "describe": the answers put what the pictures show into words before
+     (recall_jax.generate.sft; teach.reasoning = "describe": the answers put what the pictures show into words before
      deciding).
 Then F's quality is measured on the val split against the oracle (`foundation_quality`: yes/no VQA accuracy,
 parseable and oracle-correct rewrites, verification agreement at the calibrate threshold, image dependence) and
@@ -37,7 +37,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from recall_jax import parallel
-from recall_jax.data import pipeline, sft
+from recall_jax.data import pipeline
+from recall_jax.generate import sft
 from recall_jax.data.synthetic.attributes import ATTRIBUTES, CATEGORIES, VALUES
 from recall_jax.data.synthetic.oracle import Oracle
 from recall_jax.models import lora, qwen2_5_vl

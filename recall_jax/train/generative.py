@@ -6,7 +6,7 @@ transformers computes for `Qwen2_5_VLForConditionalGeneration(..., labels=labels
 the mean is weighted (sft's loss_weights): a yes/no decision is one token of a ~60-token describe-then-decide answer,
 and at weight 1 a tiny F learns the readings but leaves the decision at chance.
 
-Batches come from `recall_jax.data.sft` (one image count per batch); `host_batch` lays them out like the contrastive
+Batches come from `recall_jax.generate.sft` (one image count per batch); `host_batch` lays them out like the contrastive
 step's (batch axis first, so they shard over the data axes) with the vision geometry as static-shaped host numpy.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from recall_jax.data.sft import IGNORE
+from recall_jax.generate.sft import IGNORE
 from recall_jax.models.qwen2_5_vl.positions import position_ids_for
 from recall_jax.train import step as step_lib
 from recall_jax.train.step import reseeded, step_key

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from configs import base
-from recall_jax.data import pipeline, sft
+from recall_jax.data import pipeline
+from recall_jax.generate import sft
 from recall_jax.data.image import ImageBuckets
 from recall_jax.generate import GenerateOutput, Sampler, decide
 from recall_jax.models import qwen2_5_vl

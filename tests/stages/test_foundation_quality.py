@@ -10,7 +10,8 @@ import pytest
 
 from configs import tiny as demo
 from recall_jax import main
-from recall_jax.data import pipeline, sft
+from recall_jax.data import pipeline
+from recall_jax.generate import sft
 from recall_jax.data.synthetic.oracle import Oracle
 from recall_jax.generate import GenerateOutput, Sampler, ScoreOutput, prompt_files
 from recall_jax.stages import common, foundation_quality

@@ -11,7 +11,8 @@ import pytest
 import torch
 from flax import nnx
 
-from recall_jax.data import pipeline, sft
+from recall_jax.data import pipeline
+from recall_jax.generate import sft
 from recall_jax.data.image import ImageBuckets
 from recall_jax.models import qwen2_5_vl
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer

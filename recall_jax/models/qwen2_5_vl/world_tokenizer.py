@@ -3,7 +3,7 @@
 The tiny byte-level tokenizer spells a rewrite prompt in ~1,200 tokens, too long for a tiny model to learn on a CPU.
 This one is trained with Hugging Face `tokenizers` (Qwen's pre-tokenizer, byte-level alphabet, so any text still
 encodes) on what the foundation model reads and writes on the world: captions, edit paraphrases, questions, the
-packaged prompt templates and the JSON answer shapes (`recall_jax.data.synthetic.corpus`). Its ids keep the tiny
+packaged prompt templates and the JSON answer shapes (`recall_jax.stages.tokenizer_corpus`). Its ids keep the tiny
 layout, so the tiny config's special-token ids hold for both:
 
   ids 0..255    the 256 byte-level symbols in GPT-2 / Qwen order,

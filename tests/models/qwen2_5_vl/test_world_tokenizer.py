@@ -5,7 +5,7 @@ from transformers import AutoTokenizer
 
 from recall_jax.data import prompts
 from recall_jax.data.synthetic import generate_world
-from recall_jax.data.synthetic.corpus import world_corpus
+from recall_jax.stages.tokenizer_corpus import world_corpus
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import FIRST_MERGE_ID, TINY_TOKEN_IDS, build_tiny_tokenizer
 from recall_jax.models.qwen2_5_vl.world_tokenizer import build_world_tokenizer
 

@@ -2,7 +2,7 @@
 
 Built from the training splits only (never val / test), with the frequencies the model will see them at: the
 retrieval query and target prompts of every training triplet, and every SFT example (captions, questions, the
-rewrite and verification prompts with their JSON / yes-no answers; `recall_jax.data.sft`). Special tokens are
+rewrite and verification prompts with their JSON / yes-no answers; `recall_jax.generate.sft`). Special tokens are
 removed: they have fixed ids and are never merged.
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import re
 
-from recall_jax.data import prompts, readers, sft
+from recall_jax.data import prompts, readers
+from recall_jax.generate import sft
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import TINY_TOKEN_IDS
 
 _SPECIALS = re.compile("|".join(re.escape(t) for t in TINY_TOKEN_IDS))

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from recall_jax.data import pipeline, prompts, sft
+from recall_jax.data import pipeline, prompts
+from recall_jax.generate import sft
 from recall_jax.data.image import ImageBuckets
 from recall_jax.data.synthetic import Oracle
 from recall_jax.generate import parse, prompt_files
