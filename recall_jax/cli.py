@@ -70,7 +70,7 @@ def encode(args) -> None:
           paths.append(s.images[name])
     source = f"{args.data_root} {args.split}"
   embedder = _embedder(args)
-  emb = embedder.encode_target(paths, cache_dir=args.cache_dir)
+  emb = embedder.embed_targets(paths, cache_dir=args.cache_dir)
   np.savez(args.out, embeddings=emb, ids=np.asarray(ids), paths=np.asarray(paths),
            model=np.asarray(_model_key(embedder)))
   print(f"encoded {len(ids)} images from {source}: embeddings {emb.shape[0]} x {emb.shape[1]} -> {args.out}")
@@ -85,7 +85,7 @@ def search(args) -> None:
   if model != _model_key(embedder):
     raise SystemExit(f"{args.gallery} was encoded by another model or preprocessing (key {model}, these adapters "
                      f"{_model_key(embedder)}): encode the gallery again with {args.adapters}")
-  q = embedder.encode_query(args.reference, args.text, category=args.category)
+  q = embedder.embed_queries(args.reference, args.text, category=args.category)
   indices, scores = embedder.search(q, gallery, k=args.k)
   for n, (ref, text) in enumerate(zip(args.reference, args.text)):
     print(f"query {n + 1}: {ref} + {text!r}")
@@ -101,7 +101,7 @@ def evaluate(args) -> None:
   summary, per_category = {}, {}
   for split in _splits(rc, args.data_root, args.split, args.category):
     tag = split.dataset + (f"_{split.category}" if split.category else "")
-    q, g = embedder.encode_split(split)
+    q, g = embedder.embed_split(split)
     scores = retrieval.evaluate_split(split, q, g, rc.protocol)["metrics"]
     summary[tag] = scores
     if split.category:

@@ -3,12 +3,12 @@
 Query prompt = reference image + modification instruction; target prompt = image only.
 
     embedder = Embedder.from_pretrained("runs/cirr_7b/refine/adapters")  # base + preprocessing: recall_config.json
-    q = embedder.encode_query(["ref.png"], ["is red with long sleeves"])
-    g = embedder.encode_target(gallery_paths, cache_dir="~/.cache/recall_jax/gallery")
+    q = embedder.embed_queries(["ref.png"], ["is red with long sleeves"])
+    g = embedder.embed_targets(gallery_paths, cache_dir="~/.cache/recall_jax/gallery")
     indices, scores = embedder.search(q, g, k=10)
 
 Images are read and decoded batch by batch (Grain, fixed-shape batches), through the same encoding functions the
-stages evaluate with (`eval.encode`), so an Embedder from a stage's adapters embeds as that stage did.
+stages evaluate with (`eval.embeddings`), so an Embedder from a stage's adapters embeds as that stage did.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from recall_jax import recall_config
 from recall_jax.data import pipeline, prompts
 from recall_jax.data.image import load_image
 from recall_jax.data.records import CIRSplit, Query
-from recall_jax.eval import embedding_cache, encode
+from recall_jax.eval import embedding_cache, embeddings
 from recall_jax.eval.ranking import rank_gallery
 
 
@@ -122,18 +122,18 @@ class Embedder:
     return dict(tokenizer=self.tokenizer, encode_cfg=self.encode, batch_size=self.batch_size, load=_Images(images),
                 mesh=self.mesh)
 
-  def encode_query(self, images: Sequence[Any], texts: Sequence[str], *, category: Optional[str] = None,
-                   captions: Optional[Sequence[Sequence[str]]] = None) -> np.ndarray:
+  def embed_queries(self, images: Sequence[Any], texts: Sequence[str], *, category: Optional[str] = None,
+                    captions: Optional[Sequence[Sequence[str]]] = None) -> np.ndarray:
     """Query embeddings (N, H). `texts` are modification texts (FashionIQ: pass `captions` pairs instead)."""
     if captions is None:
       captions = [(t,) for t in texts]
     if len(captions) != len(images):
-      raise ValueError(f"encode_query: {len(images)} images but {len(captions)} texts")
+      raise ValueError(f"embed_queries: {len(images)} images but {len(captions)} texts")
     queries = [Query(qid=str(i), reference=str(i), captions=tuple(c), category=category)
                for i, c in enumerate(captions)]
-    return encode.encode_queries(self.model, self._split(images, queries), **self._kw(images))
+    return embeddings.embed_queries(self.model, self._split(images, queries), **self._kw(images))
 
-  def encode_target(self, images: Sequence[Any], *, cache_dir: Optional[str] = None) -> np.ndarray:
+  def embed_targets(self, images: Sequence[Any], *, cache_dir: Optional[str] = None) -> np.ndarray:
     """Gallery embeddings (N, H) of image paths or PIL images. With `cache_dir`, embeddings are reused when the
     model, the preprocessing and the images (paths, sizes, mtimes / pixels) are all the same."""
     if cache_dir:
@@ -143,18 +143,18 @@ class Embedder:
       cached = embedding_cache.load(cache_dir, parts, len(images))
       if cached is not None:
         return cached
-    emb = encode.encode_gallery(self.model, self._split(images), **self._kw(images))
+    emb = embeddings.embed_gallery(self.model, self._split(images), **self._kw(images))
     if cache_dir:
       embedding_cache.store(cache_dir, parts, emb)
     return emb
 
-  def encode_split(self, split: CIRSplit,
-                   load: Optional[pipeline.ImageLoader] = None) -> tuple[np.ndarray, np.ndarray]:
+  def embed_split(self, split: CIRSplit,
+                  load: Optional[pipeline.ImageLoader] = None) -> tuple[np.ndarray, np.ndarray]:
     """(query, gallery) embeddings of a dataset split, exactly as the evaluate stage computes them. `load` reads its
     images (default: the files of `split.images`); for a built ArrayRecord split, pass the ImageRecords of
     `split, load = tfds_builders.load_built_split(data_dir, config, name)`."""
-    return encode.encode_split(self.model, split, tokenizer=self.tokenizer, encode_cfg=self.encode,
-                               batch_size=self.batch_size, load=load, mesh=self.mesh)
+    return embeddings.embed_split(self.model, split, tokenizer=self.tokenizer, encode_cfg=self.encode,
+                                  batch_size=self.batch_size, load=load, mesh=self.mesh)
 
   @staticmethod
   def search(query_emb: np.ndarray, gallery_emb: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:

@@ -33,7 +33,7 @@ def test_embedder_matches_model_forward_at_the_appended_token():
   embedder = embed.Embedder(model, tok, dataset="cirr", encode=enc, batch_size=2)
   images = _images(3)
   texts = ["make it red", "is striped with long sleeves", "has no sleeves"]
-  got = embedder.encode_query(images, texts)
+  got = embedder.embed_queries(images, texts)
   assert got.shape == (3, 64) and got.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
@@ -47,7 +47,7 @@ def test_embedder_matches_model_forward_at_the_appended_token():
     want = np.asarray(out.hidden_states[0, -1])
     np.testing.assert_allclose(got[i], want / np.linalg.norm(want), atol=2e-5)
 
-  gallery = embedder.encode_target(images)
+  gallery = embedder.embed_targets(images)
   idx, scores = embedder.search(gallery[:2], gallery, k=3)
   assert list(idx[:, 0]) == [0, 1] and np.allclose(scores[:, 0], 1.0, atol=1e-5)
 
@@ -65,7 +65,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from recall_jax import main, recall_config  # noqa: E402
-from recall_jax.eval import encode  # noqa: E402
+from recall_jax.eval import embeddings  # noqa: E402
 from recall_jax.stages import common  # noqa: E402
 
 
@@ -110,15 +110,15 @@ def test_adapt_writes_the_preprocessing_beside_the_adapters(adapted):
 def test_from_pretrained_embeds_exactly_as_the_evaluate_stage(adapted):
   workdir, adapter_dir, split = adapted
   embedder = embed.Embedder.from_pretrained(adapter_dir)
-  q = embedder.encode_query([split.images[x.reference] for x in split.queries], [], captions=[
+  q = embedder.embed_queries([split.images[x.reference] for x in split.queries], [], captions=[
       x.captions for x in split.queries])
-  g = embedder.encode_target([split.images[name] for name in split.gallery])
+  g = embedder.embed_targets([split.images[name] for name in split.gallery])
   ranks = json.load(open(os.path.join(workdir, "evaluate", "baseline", "ranks_cirr.json")))
-  assert encode.fingerprint(q, g) == ranks["embedding_fingerprint"]
+  assert embeddings.fingerprint(q, g) == ranks["embedding_fingerprint"]
   # The file's dtype is what made them: the same adapters on an fp32 base embed differently.
   fp32 = embed.Embedder.from_pretrained(adapter_dir, dtype="float32")
-  assert encode.fingerprint(fp32.encode_target([split.images[n] for n in split.gallery[:2]])) != \
-      encode.fingerprint(g[:2])
+  assert embeddings.fingerprint(fp32.embed_targets([split.images[n] for n in split.gallery[:2]])) != \
+      embeddings.fingerprint(g[:2])
 
 
 def test_from_pretrained_without_or_with_a_bad_recall_config_names_file_and_key(adapted, tmp_path):
@@ -147,11 +147,11 @@ def test_gallery_embeddings_are_cached_by_model_and_preprocessing(adapted, tmp_p
   paths = [split.images[name] for name in split.gallery[:6]]
   cache = str(tmp_path / "cache")
   calls = []
-  real = encode.encode_gallery
-  monkeypatch.setattr(encode, "encode_gallery", lambda *a, **k: calls.append(1) or real(*a, **k))
+  real = embeddings.embed_gallery
+  monkeypatch.setattr(embeddings, "embed_gallery", lambda *a, **k: calls.append(1) or real(*a, **k))
   embedder = embed.Embedder.from_pretrained(adapter_dir)
-  first = embedder.encode_target(paths, cache_dir=cache)
-  again = embedder.encode_target(paths, cache_dir=cache)
+  first = embedder.embed_targets(paths, cache_dir=cache)
+  again = embedder.embed_targets(paths, cache_dir=cache)
   assert len(calls) == 1 and np.array_equal(first, again)
   keys = sorted(f for f in os.listdir(cache) if f.endswith(".json"))
   assert len(keys) == 1 and json.load(open(os.path.join(cache, keys[0])))["parts"]["encode"]["image_buckets"] == [
@@ -164,11 +164,11 @@ def test_gallery_embeddings_are_cached_by_model_and_preprocessing(adapted, tmp_p
   name = sorted(tensors)[0]
   tensors[name] = tensors[name] + 1.0
   save_file(tensors, weights)
-  embed.Embedder.from_pretrained(changed).encode_target(paths, cache_dir=cache)
+  embed.Embedder.from_pretrained(changed).embed_targets(paths, cache_dir=cache)
   other_buckets = pipeline.EncodeConfig(image_buckets=ImageBuckets.square(84), query_lengths=(320,),
                                         target_lengths=(128,))
-  embed.Embedder.from_pretrained(adapter_dir, encode=other_buckets).encode_target(paths, cache_dir=cache)
-  embedder.encode_target(paths[:5], cache_dir=cache)  # another gallery
+  embed.Embedder.from_pretrained(adapter_dir, encode=other_buckets).embed_targets(paths, cache_dir=cache)
+  embedder.embed_targets(paths[:5], cache_dir=cache)  # another gallery
   assert len(calls) == 4 and len([f for f in os.listdir(cache) if f.endswith(".npy")]) == 4
 
 
@@ -176,10 +176,10 @@ def test_the_gallery_is_decoded_batch_by_batch(adapted, monkeypatch):
   _, adapter_dir, split = adapted
   embedder = embed.Embedder.from_pretrained(adapter_dir, batch_size=2)
   loads, at_first_step = [], []
-  real_load, real_step = embed.load_image, encode._embed_step
+  real_load, real_step = embed.load_image, embeddings._embed_step
   monkeypatch.setattr(embed, "load_image", lambda p: loads.append(p) or real_load(p))
-  monkeypatch.setattr(encode, "_embed_step", lambda *a: at_first_step.append(len(loads)) or real_step(*a))
+  monkeypatch.setattr(embeddings, "_embed_step", lambda *a: at_first_step.append(len(loads)) or real_step(*a))
   paths = [split.images[name] for name in split.gallery]
-  embedder.encode_target(paths)
+  embedder.embed_targets(paths)
   assert len(loads) == len(paths) and len(paths) >= 16
   assert at_first_step[0] < len(paths) // 2  # the first batch is embedded before most images were read

@@ -62,6 +62,9 @@ class FileImages:
 class EncodeConfig:
   """How examples become arrays: static-shape buckets and the prompt protocol.
 
+  In this package "encode" means only this: text and images -> model inputs (token ids, pixels, positions). What
+  the model makes of them are embeddings (`eval.embeddings`, `Embedder.embed_*`).
+
   image_buckets:  image sizes (each image is resized to the bucket of nearest aspect ratio, then preprocessed).
   query_lengths:  text length buckets of query prompts; a batch is padded to the smallest one that fits it
                   (one value: every batch has the same shape).

@@ -11,7 +11,7 @@ from ml_collections import ConfigDict
 
 from recall_jax import recall_config
 from recall_jax.data.records import CIRSplit, Query
-from recall_jax.eval import encode, retrieval
+from recall_jax.eval import embeddings, retrieval
 from recall_jax.stages import common, data_source
 from recall_jax.train import settings, trainer
 from recall_jax.train.step import LossConfig
@@ -28,8 +28,8 @@ def val_eval_fn(cfg: ConfigDict, workdir: str, tokenizer, splits: Sequence[CIRSp
     per_split = []
     for split, load in zip(splits, loads):
       protocol = common.protocol(cfg, split.dataset)
-      q, g = encode.encode_split(model, split, tokenizer=tokenizer, encode_cfg=encode_cfg,
-                                 batch_size=cfg.eval.batch_size, load=load, mesh=mesh)
+      q, g = embeddings.embed_split(model, split, tokenizer=tokenizer, encode_cfg=encode_cfg,
+                                    batch_size=cfg.eval.batch_size, load=load, mesh=mesh)
       per_split.append(retrieval.evaluate_split(split, q, g, protocol)["metrics"])
     return {k: float(np.mean([m[k] for m in per_split])) for k in per_split[0]}
 

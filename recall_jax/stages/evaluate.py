@@ -11,7 +11,7 @@ from typing import Optional
 from ml_collections import ConfigDict
 
 from recall_jax import viz
-from recall_jax.eval import encode, metrics, results, retrieval, submission
+from recall_jax.eval import embeddings, metrics, results, retrieval, submission
 from recall_jax.stages import artifacts, common, data_source, verify_queries
 
 log = logging.getLogger("recall_jax")
@@ -39,8 +39,8 @@ def evaluate_model(cfg: ConfigDict, workdir: str, out: str, model, tokenizer, ch
     tag = split.dataset + (f"_{split.category}" if split.category else "")
     protocol = common.protocol(cfg, split.dataset)
     load = data_source.image_loader(cfg, workdir, [split])
-    q, g = encode.encode_split(model, split, tokenizer=tokenizer, encode_cfg=encode_cfg,
-                               batch_size=cfg.eval.batch_size, load=load, mesh=mesh)
+    q, g = embeddings.embed_split(model, split, tokenizer=tokenizer, encode_cfg=encode_cfg,
+                                  batch_size=cfg.eval.batch_size, load=load, mesh=mesh)
     ranking = retrieval.rank_split(split, q, g, protocol)
     submission.write_split_outputs(out, "eval", split, ranking, protocol)
     if split.queries and split.queries[0].targets:
@@ -50,7 +50,7 @@ def evaluate_model(cfg: ConfigDict, workdir: str, out: str, model, tokenizer, ch
       ranks[tag] = retrieval.ground_truth_ranks(split, ranking)
       results.write_json_atomic(os.path.join(out, f"ranks_{tag}.json"), {
           "checkpoint": checkpoint, "top_k": int(ranking.indices.shape[1]), "protocol": protocol,
-          "embedding_fingerprint": encode.fingerprint(q, g), "ranks": ranks[tag]})
+          "embedding_fingerprint": embeddings.fingerprint(q, g), "ranks": ranks[tag]})
       summary[tag] = scores
       if split.category:
         per_category[split.category] = scores

@@ -30,7 +30,7 @@ from ml_collections import ConfigDict
 from recall_jax import viz
 from recall_jax.data.prompts import join_captions
 from recall_jax.data.records import CIRSplit
-from recall_jax.eval import encode
+from recall_jax.eval import embeddings
 from recall_jax.stages import artifacts, common, data_source
 
 log = logging.getLogger("recall_jax")
@@ -210,10 +210,10 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None, 
   read = common.read_splits(cfg, workdir, mcfg.split)
   for split in read:
     tag = split.dataset + (f"_{split.category}" if split.category else "")
-    q, g = encode.encode_split(model, split, tokenizer=tokenizer, encode_cfg=encode_cfg,
-                               batch_size=mcfg.batch_size, load=data_source.image_loader(cfg, workdir, [split]),
-                               mesh=mesh)
-    fingerprints[tag] = encode.fingerprint(q, g)
+    q, g = embeddings.embed_split(model, split, tokenizer=tokenizer, encode_cfg=encode_cfg,
+                                  batch_size=mcfg.batch_size, load=data_source.image_loader(cfg, workdir, [split]),
+                                  mesh=mesh)
+    fingerprints[tag] = embeddings.fingerprint(q, g)
     split_records, splits[tag] = mine_split(split, q, g, mcfg, cfg.data.caption_join)
     log.info("[mine] %s: %d/%d queries fail, %d instances", tag, splits[tag]["failures"], splits[tag]["queries"],
              len(split_records))

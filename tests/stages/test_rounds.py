@@ -11,7 +11,7 @@ import pytest
 
 from configs import tiny as demo
 from recall_jax import main
-from recall_jax.eval import encode
+from recall_jax.eval import embeddings
 from recall_jax.stages import artifacts, calibrate, common, evaluate, mine, refine, report
 
 REWRITE = json.dumps({"captions": {}, "intents": [{"span": "x", "edit": "keep", "new_span": "is red"}],
@@ -120,9 +120,9 @@ def test_round_two_embeds_with_the_refined_model_not_a_stale_cache(looped):
   split = common.read_splits(cfg, workdir, cfg.mine.split)[0]
   for stage, want in (("adapt", first), ("refine", second)):
     model, tokenizer, _ = common.load_retriever(cfg, workdir, stage)
-    q, g = encode.encode_split(model, split, tokenizer=tokenizer, encode_cfg=common.encode_config(cfg),
-                               batch_size=cfg.mine.batch_size)
-    assert encode.fingerprint(q, g) == want["cirr"], stage
+    q, g = embeddings.embed_split(model, split, tokenizer=tokenizer, encode_cfg=common.encode_config(cfg),
+                                  batch_size=cfg.mine.batch_size)
+    assert embeddings.fingerprint(q, g) == want["cirr"], stage
 
 
 def test_evaluate_writes_baseline_and_every_round(looped):

@@ -168,7 +168,7 @@ def render(g: Garment, jitter: Jitter, size: int = 112) -> Image.Image:
   return img.resize((size, size), Image.BOX)
 
 
-def encode(img: Image.Image, fmt: str) -> bytes:
+def to_bytes(img: Image.Image, fmt: str) -> bytes:
   """Encoded image bytes; PNG and JPEG encoders here add no timestamps, so output is reproducible."""
   buf = io.BytesIO()
   if fmt == "png":

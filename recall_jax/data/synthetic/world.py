@@ -70,7 +70,7 @@ def _write_json(path: pathlib.Path, value: Any) -> None:
 def _render_jobs(root: str, jobs: Sequence[tuple[str, Any, Any]], image_size: int) -> None:
   for rel, garment, jitter in jobs:
     fmt = pathlib.PurePath(rel).suffix[1:]
-    (pathlib.Path(root) / rel).write_bytes(render.encode(render.render(garment, jitter, image_size), fmt))
+    (pathlib.Path(root) / rel).write_bytes(render.to_bytes(render.render(garment, jitter, image_size), fmt))
 
 
 def generate_world(root: Union[str, pathlib.Path], *, scale: Union[str, Counts] = "tiny", seed: int = 0,

@@ -72,8 +72,8 @@ def _name(split: CIRSplit) -> str:
   return f"{split.dataset}/{split.split}" + (f"/{split.category}" if split.category else "")
 
 
-def encode_queries(model, split: CIRSplit, *, tokenizer: Any, encode_cfg: pipeline.EncodeConfig, batch_size: int,
-                   load: Optional[pipeline.ImageLoader] = None, mesh: Optional[Mesh] = None) -> np.ndarray:
+def embed_queries(model, split: CIRSplit, *, tokenizer: Any, encode_cfg: pipeline.EncodeConfig, batch_size: int,
+                  load: Optional[pipeline.ImageLoader] = None, mesh: Optional[Mesh] = None) -> np.ndarray:
   """Query embeddings (Q, H), fp32 unit-norm, in split order; images are read batch by batch through `load`."""
   load = load or pipeline.FileImages(split.images)
   queries = pipeline.eval_query_dataset(split, load=load, tokenizer=tokenizer, cfg=encode_cfg,
@@ -81,8 +81,8 @@ def encode_queries(model, split: CIRSplit, *, tokenizer: Any, encode_cfg: pipeli
   return _embed_dataset(model, queries, "query", len(split.queries), mesh, f"embed {_name(split)} queries")
 
 
-def encode_gallery(model, split: CIRSplit, *, tokenizer: Any, encode_cfg: pipeline.EncodeConfig, batch_size: int,
-                   load: Optional[pipeline.ImageLoader] = None, mesh: Optional[Mesh] = None) -> np.ndarray:
+def embed_gallery(model, split: CIRSplit, *, tokenizer: Any, encode_cfg: pipeline.EncodeConfig, batch_size: int,
+                  load: Optional[pipeline.ImageLoader] = None, mesh: Optional[Mesh] = None) -> np.ndarray:
   """Gallery embeddings (G, H), fp32 unit-norm, in split order; images are read batch by batch through `load`."""
   load = load or pipeline.FileImages(split.images)
   gallery = pipeline.eval_gallery_dataset(split, load=load, tokenizer=tokenizer, cfg=encode_cfg,
@@ -90,11 +90,11 @@ def encode_gallery(model, split: CIRSplit, *, tokenizer: Any, encode_cfg: pipeli
   return _embed_dataset(model, gallery, "target", len(split.gallery), mesh, f"embed {_name(split)} gallery")
 
 
-def encode_split(model, split: CIRSplit, *, tokenizer: Any, encode_cfg: pipeline.EncodeConfig, batch_size: int,
-                 load: Optional[pipeline.ImageLoader] = None, mesh: Optional[Mesh] = None) -> tuple[np.ndarray, np.ndarray]:
+def embed_split(model, split: CIRSplit, *, tokenizer: Any, encode_cfg: pipeline.EncodeConfig, batch_size: int,
+                load: Optional[pipeline.ImageLoader] = None, mesh: Optional[Mesh] = None) -> tuple[np.ndarray, np.ndarray]:
   """(query embeddings (Q, H), gallery embeddings (G, H)), fp32 unit-norm, in split order."""
   kw = dict(tokenizer=tokenizer, encode_cfg=encode_cfg, batch_size=batch_size, load=load, mesh=mesh)
-  return encode_queries(model, split, **kw), encode_gallery(model, split, **kw)
+  return embed_queries(model, split, **kw), embed_gallery(model, split, **kw)
 
 
 def fingerprint(*arrays: np.ndarray) -> str:
