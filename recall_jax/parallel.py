@@ -91,6 +91,15 @@ def param_shardings(paths_and_shapes: dict[str, tuple[int, ...]], mesh: Mesh,
   return out
 
 
+def tree_shardings(tree, mesh: Mesh, rules: Sequence[tuple[str, Sequence[str | None]]]):
+  """A tree of NamedShardings for the arrays of `tree` (concrete or abstract) by `param_shardings`, with parameter
+  paths as "language_model/layers/0/self_attn/q_proj/kernel" (an nnx Variable's "/value" dropped)."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  paths = [jax.tree_util.keystr(tuple(p), simple=True, separator="/").removesuffix("/value") for p, _ in leaves]
+  shardings = param_shardings({p: np.shape(x) for p, (_, x) in zip(paths, leaves)}, mesh, rules)
+  return jax.tree_util.tree_unflatten(treedef, [shardings[p] for p in paths])
+
+
 def host_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Turns this process's slice of a global batch into global arrays sharded over the batch axes."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v) for k, v in batch.items()}

@@ -53,6 +53,16 @@ def add_adapters(model, cfg: ConfigDict, seed: int) -> list[str]:
                          rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
 
+def gradcache_chunks(train_cfg: ConfigDict) -> int:
+  """GradCache chunks of a step: global batch / train.chunk_size (1 without chunking)."""
+  t = train_cfg
+  num_chunks = max(1, t.global_batch_size // t.chunk_size) if t.chunk_size else 1
+  if t.global_batch_size % num_chunks:
+    raise ValueError(f"config train.global_batch_size {t.global_batch_size} is not a multiple of train.chunk_size "
+                     f"{t.chunk_size}")
+  return num_chunks
+
+
 def _replicate(tree, mesh: Optional[Mesh]):
   return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, P()))
 
@@ -61,15 +71,18 @@ def place_by_rules(tree, mesh: Mesh, rules) -> Any:
   """Puts every array of `tree` on `mesh` with the PartitionSpec of the first matching regex rule (parameter paths
   as "language_model/layers/0/self_attn/q_proj/kernel"); unmatched arrays are replicated. Arrays already placed that
   way (e.g. loaded straight onto their sharding) are not copied."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  paths = [jax.tree_util.keystr(tuple(p), simple=True, separator="/").removesuffix("/value") for p, _ in leaves]
-  shardings = parallel.param_shardings({p: np.shape(x) for p, (_, x) in zip(paths, leaves)}, mesh, rules)
-  return jax.tree_util.tree_unflatten(treedef, [jax.device_put(x, shardings[p]) for p, (_, x) in zip(paths, leaves)])
+  return jax.tree.map(jax.device_put, tree, parallel.tree_shardings(tree, mesh, rules))
 
 
 def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
                       tree)
+
+
+def initial_state(trained: dict, tx: optax.GradientTransformation, seed: int) -> dict:
+  """The step's state before step 0: {"adapters": the trained params (pure dict), "opt_state", "step", "rng"}."""
+  return {"adapters": trained, "opt_state": tx.init(trained), "step": np.int32(0),
+          "rng": jax.random.key_data(jax.random.key(seed))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,10 +132,7 @@ def train(cfg: ConfigDict, model, tokenizer, queries: Sequence[Query], *, datase
     names = add_adapters(model, cfg, cfg.seed)
     log.info("[train] adapters on %d modules (rank %d, alpha %g, dora=%s)", len(names), cfg.lora.rank,
              cfg.lora.alpha, cfg.lora.use_dora)
-  num_chunks = max(1, t.global_batch_size // t.chunk_size) if t.chunk_size else 1
-  if t.global_batch_size % num_chunks:
-    raise ValueError(f"config train.global_batch_size {t.global_batch_size} is not a multiple of train.chunk_size "
-                     f"{t.chunk_size}")
+  num_chunks = gradcache_chunks(t)
   ds = pipeline.train_dataset(queries, dataset=dataset, load=load, tokenizer=tokenizer, cfg=encode_cfg,
                               global_batch_size=t.global_batch_size, seed=cfg.seed, grouped=grouped)
   local_batch = t.global_batch_size // jax.process_count()
@@ -171,8 +181,7 @@ def fit(model, objective: Objective, *, loop: LoopConfig, optim: OptimConfig, se
   pure = nnx.to_pure_dict(trained)
   # Every leaf (optimizer counters included) on the mesh, so fresh, stepped and restored states share one signature
   # and the step compiles once.
-  state = _replicate({"adapters": pure, "opt_state": tx.init(pure), "step": np.int32(0),
-                      "rng": jax.random.key_data(jax.random.key(seed))}, mesh)
+  state = _replicate(initial_state(pure, tx, seed), mesh)
   iterator = pipeline.make_iterator(objective.dataset, num_threads=t.data_threads, prefetch=2,
                                     num_workers=t.data_workers)
 
