@@ -15,8 +15,9 @@ CONFIG="${1:?usage: slurm_gpu.sh CONFIG WORKDIR [flags...]}"
 WORKDIR="${2:?usage: slurm_gpu.sh CONFIG WORKDIR [flags...]}"
 shift 2
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
-# XLA flags that matter for this workload on H100/H200 (latency-hiding scheduler overlaps the all-gathers of
-# GradCache's target embeddings with compute; cuDNN attention for the vision tower).
+# XLA flags that matter for this workload on H100/H200: the latency-hiding scheduler overlaps the all-gathers of
+# GradCache's target embeddings with compute. Attention (vision windows and text) is jax.nn.dot_product_attention's
+# XLA implementation, its default; cuDNN attention is not requested.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}"
 srun --kill-on-bad-exit=1 "${RECALL_PYTHON:-.venv/bin/python}" -m recall_jax.main \
