@@ -37,6 +37,8 @@ _LAYERS = flags.DEFINE_string("layers", "1,2", "Layer pairs to compile and extra
                               "'1,2'), or 'full' for the config's depth (hours and tens of GB of host memory at 7B).")
 _PROGRAMS = flags.DEFINE_list("programs", "train,calibrate,embed", "Programs to plan: train, calibrate, embed.")
 _JSON = flags.DEFINE_string("json", None, "Also write the plan to this JSON file.")
+_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Plan against this many GiB per chip instead of the chip's HBM "
+                              "(e.g. to keep headroom for other buffers).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,9 @@ def tpu_target(topology: str):
   for d in shape.split("x"):
     chips *= int(d)
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", _ACCELERATOR_TYPE[generation].format(chips=chips, cores=2 * chips))
+  # libtpu takes a machine-wide lock meant for a real TPU; compiling for a description touches none, so several
+  # plans (or test workers) may run at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies
     topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
@@ -280,6 +285,8 @@ def main(argv):
   else:
     devices, chip = gpu_target()
     where = f"{len(devices)} local GPU(s)"
+  if _HBM_GIB.value is not None:
+    chip = dataclasses.replace(chip, hbm_bytes=int(_HBM_GIB.value * GiB))
   from recall_jax import parallel
   unknown = sorted(set(_PROGRAMS.value) - {"train", "calibrate", "embed"})
   if unknown:
