@@ -1,8 +1,11 @@
-"""Test-wide setup: 8 fake CPU devices (for sharding tests) and exact fp32 matmuls (for parity with PyTorch)."""
+"""Test-wide setup: CPU only, 8 fake CPU devices (for sharding tests) and exact fp32 matmuls (for parity with
+PyTorch)."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite is a CPU suite; with libtpu installed (for the AOT plan's test) JAX would first probe for a TPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
