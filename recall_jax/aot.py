@@ -222,7 +222,9 @@ def plan(cfg, model_cfg, mesh, chip: Chip, layers: str, programs: list[str], log
       except DoesNotFit as e:
         figures, error = None, str(e)
       seconds = time.time() - start
-      log(f"  compiled {name} at {label} in {seconds:.0f} s" + (f": {error}" if error else ""))
+      summary = error or ", ".join(f"{part} {_gib(m['arguments'])} / {_gib(m['temporaries'])} / {_gib(m['outputs'])}"
+                                   f" GiB" for part, m in figures.items())
+      log(f"  compiled {name} at {label} in {seconds:.0f} s (arguments / temporaries / outputs per chip): {summary}")
       runs.append({"depth": depth, "label": label, "figures": figures, "error": error, "seconds": seconds})
       if error:
         break
