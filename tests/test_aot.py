@@ -66,7 +66,7 @@ def test_a_step_that_does_not_fit_fails_naming_what_to_change(plan):
 
 
 def test_reduced_depths_keep_the_full_attention_blocks_among_them():
-  model_cfg = tiny_config(text=dict(num_hidden_layers=28), vision=dict(depth=32, fullatt_block_indexes=(1, 7, 15)))
+  model_cfg = tiny_config(text=dict(num_hidden_layers=28), vision=dict(depth=32, fullatt_block_indexes=(1, 2, 15)))
   two = aot.reduced(model_cfg, 2)
   assert (two.text.num_hidden_layers, two.vision.depth, two.vision.fullatt_block_indexes) == (2, 2, (1,))
   assert aot.full_pairs(model_cfg) == 32
