@@ -239,7 +239,9 @@ def plan(cfg, model_cfg, mesh, chip: Chip, layers: str, programs: list[str], log
         results.append({"program": part, "depth": f"{n_full} layer pairs", "source": "extrapolated", **mem,
                         "error": None})
     out["programs"][name] = results
-  out["flops"] = analytic_flops(cfg, model_cfg)
+  parts = {"train": ["train"], "calibrate": ["prefill", "decode"], "embed": ["embed"]}
+  flop_counts = analytic_flops(cfg, model_cfg)
+  out["flops"] = {part: flop_counts[part] for name in programs for part in parts[name]}
   return out
 
 
