@@ -12,13 +12,13 @@ LAYERS = [
     {"files", "progress", "faults", "parallel", "losses", "viz"},
     {"data"},
     {"models"},
-    {"generate", "recall_config"},
+    {"generate", "recall_config", "flops"},
     {"train", "eval"},
-    {"embed"},
+    {"embed", "abstract_programs"},
     {"stages"},
     {"config_check"},
     {"main"},
-    {"cli", "study"},
+    {"cli", "study", "aot"},
 ]
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 ROOT = pathlib.Path(recall_jax.__file__).parent
