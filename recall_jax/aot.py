@@ -29,17 +29,6 @@ from ml_collections import config_flags
 
 GiB = 1024**3
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py).")
-_TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology to compile for, e.g. v5p:2x2x1 (v5p-8), "
-                                "v5e:2x4 (v5e-8), v5e:4x4 (v5e-16).")
-_PLATFORM = flags.DEFINE_enum("platform", "tpu", ["tpu", "gpu"], "tpu: the --topology slice; gpu: the local GPUs.")
-_LAYERS = flags.DEFINE_string("layers", "1,2", "Layer pairs to compile and extrapolate from (two depths, e.g. "
-                              "'1,2'), or 'full' for the config's depth (hours and tens of GB of host memory at 7B).")
-_PROGRAMS = flags.DEFINE_list("programs", "train,calibrate,embed", "Programs to plan: train, calibrate, embed.")
-_JSON = flags.DEFINE_string("json", None, "Also write the plan to this JSON file.")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Plan against this many GiB per chip instead of the chip's HBM "
-                              "(e.g. to keep headroom for other buffers).")
-
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
@@ -277,22 +266,38 @@ def report(result: dict, cfg, model_cfg, mesh, chip: Chip, log=print) -> list[st
   return failures
 
 
+def define_flags() -> None:
+  """aot's flags, defined only when it runs as the program: `main` defines its own --config in the same absl
+  registry, and a module-level definition here made importing both (as the test suite does) a DuplicateFlagError."""
+  config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py).")
+  flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology to compile for, e.g. v5p:2x2x1 (v5p-8), "
+                    "v5e:2x4 (v5e-8), v5e:4x4 (v5e-16).")
+  flags.DEFINE_enum("platform", "tpu", ["tpu", "gpu"], "tpu: the --topology slice; gpu: the local GPUs.")
+  flags.DEFINE_string("layers", "1,2", "Layer pairs to compile and extrapolate from (two depths, e.g. "
+                    "'1,2'), or 'full' for the config's depth (hours and tens of GB of host memory at 7B).")
+  flags.DEFINE_list("programs", "train,calibrate,embed", "Programs to plan: train, calibrate, embed.")
+  flags.DEFINE_string("json", None, "Also write the plan to this JSON file.")
+  flags.DEFINE_float("hbm_gib", None, "Plan against this many GiB per chip instead of the chip's HBM "
+                   "(e.g. to keep headroom for other buffers).")
+
+
 def main(argv):
   del argv
-  cfg = _CONFIG.value
+  FLAGS = flags.FLAGS
+  cfg = FLAGS.config
   if cfg is None:
     raise app.UsageError("--config is required")
-  if _PLATFORM.value == "tpu":
+  if FLAGS.platform == "tpu":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only traces; libtpu compiles for the topology
-    devices, chip = tpu_target(_TOPOLOGY.value)
-    where = _TOPOLOGY.value
+    devices, chip = tpu_target(FLAGS.topology)
+    where = FLAGS.topology
   else:
     devices, chip = gpu_target()
     where = f"{len(devices)} local GPU(s)"
-  if _HBM_GIB.value is not None:
-    chip = dataclasses.replace(chip, hbm_bytes=int(_HBM_GIB.value * GiB))
+  if FLAGS.hbm_gib is not None:
+    chip = dataclasses.replace(chip, hbm_bytes=int(FLAGS.hbm_gib * GiB))
   from recall_jax import parallel
-  unknown = sorted(set(_PROGRAMS.value) - {"train", "calibrate", "embed"})
+  unknown = sorted(set(FLAGS.programs) - {"train", "calibrate", "embed"})
   if unknown:
     raise app.UsageError(f"--programs: unknown {unknown}; choose from train, calibrate, embed")
   mesh = parallel.make_mesh(tuple(cfg.mesh.shape), devices=devices)
@@ -300,17 +305,17 @@ def main(argv):
   t, v = model_cfg.text, model_cfg.vision
   print(f"AOT plan for {where}: {len(devices)} x {chip.name}, mesh {dict(mesh.shape)}; model: {source}, text "
         f"{t.num_hidden_layers} x {t.hidden_size}, vision {v.depth} x {v.hidden_size}")
-  if _LAYERS.value != "full":
-    print(f"bytes measured at {_LAYERS.value} layer pairs (n text layers + n vision blocks, the full-attention "
+  if FLAGS.layers != "full":
+    print(f"bytes measured at {FLAGS.layers} layer pairs (n text layers + n vision blocks, the full-attention "
           f"blocks among the first n kept) and extrapolated linearly per pair to {full_pairs(model_cfg)} pairs (the "
           "deeper tower; the other is over-counted); FLOPs are analytic at full depth")
-  result = plan(cfg, model_cfg, mesh, chip, _LAYERS.value, _PROGRAMS.value,
+  result = plan(cfg, model_cfg, mesh, chip, FLAGS.layers, FLAGS.programs,
                 log=lambda s: print(s, file=sys.stderr, flush=True))
   failures = report(result, cfg, model_cfg, mesh, chip)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
       json.dump({"target": where, "chip": dataclasses.asdict(chip), "mesh": dict(mesh.shape), "model": source,
-                 "layers": _LAYERS.value, **result, "failures": failures}, f, indent=2)
+                 "layers": FLAGS.layers, **result, "failures": failures}, f, indent=2)
   for message in failures:
     print(message, file=sys.stderr)
   if failures:
@@ -318,4 +323,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

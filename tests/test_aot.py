@@ -10,6 +10,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from recall_jax import abstract_programs, aot, flops
+from recall_jax import main as _main  # noqa: F401  (both define --config: importing them together must not collide)
 from recall_jax.models.qwen2_5_vl import names
 from recall_jax.models.qwen2_5_vl.tiny import tiny_config
 
