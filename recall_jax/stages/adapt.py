@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 from ml_collections import ConfigDict
 
-from recall_jax import recall_config
+from recall_jax import parallel, recall_config
 from recall_jax.data.records import CIRSplit, Query
 from recall_jax.eval import encode, retrieval
 from recall_jax.stages import common, data_source
@@ -36,10 +36,10 @@ def val_eval_fn(cfg: ConfigDict, workdir: str, tokenizer, splits: Sequence[CIRSp
 
 
 def train_on(cfg: ConfigDict, workdir: str, out: str, queries: Sequence[Query], splits: Sequence[CIRSplit], *,
-             grouped: bool, model=None, tokenizer=None, stop_after: Optional[int] = None) -> dict:
+             grouped: bool, model=None, tokenizer=None, stop_after: Optional[int] = None, mesh=None) -> dict:
   """Shared by Stage 1 and Stage 4: train adapters on `queries` (their images: those of `splits`), evaluating on
-  the val split."""
-  mesh = common.training_mesh(cfg)
+  the val split, on `mesh` (default: the config's)."""
+  mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
   if model is None:
     model, tokenizer = common.load_base_model(cfg, workdir, mesh=mesh)
   val = common.read_splits(cfg, workdir, cfg.eval.split)
@@ -52,11 +52,11 @@ def train_on(cfg: ConfigDict, workdir: str, out: str, queries: Sequence[Query], 
           "train_queries": len(queries)}
 
 
-def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
+def run(cfg: ConfigDict, workdir: str, out: str, *, mesh=None) -> dict:
   splits = common.read_splits(cfg, workdir, "train")
   queries = [q for s in splits for q in s.queries]
   log.info("[adapt] %d training triplets", len(queries))
-  manifest = train_on(cfg, workdir, out, queries, splits, grouped=False)
+  manifest = train_on(cfg, workdir, out, queries, splits, grouped=False, mesh=mesh)
   # The base these adapters belong to (R_base starts from F): checked whenever they are merged again.
   manifest["base_checkpoint"] = common.foundation_checkpoint(cfg, workdir)
   # Beside the adapters, the preprocessing they were trained with, for Embedder.from_pretrained.

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from recall_jax import faults, parallel
@@ -67,20 +67,6 @@ def loss_config(cfg: ConfigDict) -> step_lib.LossConfig:
   return step_lib.LossConfig(temperature=c.temperature, infonce_weight=c.infonce_weight,
                              triplet_weight=c.triplet_weight, margin=c.margin, symmetric=c.symmetric,
                              mask_duplicate_targets=c.mask_duplicate_targets)
-
-
-def _replicate(tree, mesh: Optional[Mesh]):
-  return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, P()))
-
-
-def place_by_rules(tree, mesh: Mesh, rules) -> Any:
-  """Puts every array of `tree` on `mesh` with the PartitionSpec of the first matching regex rule (parameter paths
-  as "language_model/layers/0/self_attn/q_proj/kernel"); unmatched arrays are replicated. Arrays already placed that
-  way (e.g. loaded straight onto their sharding) are not copied."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  paths = [jax.tree_util.keystr(tuple(p), simple=True, separator="/").removesuffix("/value") for p, _ in leaves]
-  shardings = parallel.param_shardings({p: np.shape(x) for p, (_, x) in zip(paths, leaves)}, mesh, rules)
-  return jax.tree_util.tree_unflatten(treedef, [jax.device_put(x, shardings[p]) for p, (_, x) in zip(paths, leaves)])
 
 
 def _abstract(tree):
@@ -136,19 +122,18 @@ def train(cfg: ConfigDict, model, tokenizer, queries: Sequence[Query], *, datase
                      f"{t.chunk_size}")
   ds = pipeline.train_dataset(queries, dataset=dataset, load=load, tokenizer=tokenizer, cfg=encode_cfg,
                               global_batch_size=t.global_batch_size, seed=cfg.seed, grouped=grouped)
-  local_batch = t.global_batch_size // jax.process_count()
-
   def host_batch(batch):
-    return step_lib.host_batch(model.cfg, batch, images_per_call=local_batch // num_chunks)
+    # The vision geometry is global (replicated): one model call embeds a chunk of the global batch.
+    return step_lib.host_batch(model.cfg, batch, images_per_call=t.global_batch_size // num_chunks)
 
   objective = Objective(
       trainable=nnx.LoRAParam, dataset=ds, host_batch=host_batch,
       make_step=lambda graphdef, tx: step_lib.make_train_step(graphdef, tx, loss_config(cfg), num_chunks=num_chunks))
   result = fit(model, objective, train_cfg=t, optim_cfg=cfg.optim, seed=cfg.seed, out_dir=out_dir, eval_fn=eval_fn,
-               mesh=mesh or parallel.make_mesh(tuple(cfg.mesh.shape)), stop_after=stop_after,
+               mesh=mesh or parallel.mesh_from_config(cfg), stop_after=stop_after,
                sharding_rules=parallel.rules_from_config(cfg))
   adapter_dir = os.path.join(out_dir, "adapters")
-  if result.steps == t.steps and jax.process_index() == 0:
+  if result.steps == t.steps and parallel.is_writer():
     # The base: the checkpoint the model was loaded from (the stages load common.foundation_checkpoint).
     peft_io.export_peft(model, adapter_dir, names=qwen_names.PEFT_NAMES,
                         base_model_name_or_path=getattr(model, "name_or_path", None))
@@ -179,7 +164,7 @@ def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: Config
   mesh = mesh or parallel.make_mesh((-1, 1, 1))
   model.train()
   graphdef, trained, rng_state, rest = nnx.split(model, objective.trainable, nnx.RngState, ...)
-  frozen = (_replicate(rng_state, mesh), place_by_rules(rest, mesh, sharding_rules))
+  frozen = (parallel.replicate(rng_state, mesh), parallel.place_params(rest, mesh, sharding_rules))
   schedule = learning_rate_schedule(optim_cfg.lr, t.steps, optim_cfg.warmup_fraction)  # the rate AdamW applies
   tx = make_optimizer(lr=optim_cfg.lr, total_steps=t.steps, warmup_fraction=optim_cfg.warmup_fraction,
                       weight_decay=optim_cfg.weight_decay, b1=optim_cfg.b1, b2=optim_cfg.b2,
@@ -187,8 +172,8 @@ def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: Config
   pure = nnx.to_pure_dict(trained)
   # Every leaf (optimizer counters included) on the mesh, so fresh, stepped and restored states share one signature
   # and the step compiles once.
-  state = _replicate({"adapters": pure, "opt_state": tx.init(pure), "step": np.int32(0),
-                      "rng": jax.random.key_data(jax.random.key(seed))}, mesh)
+  state = parallel.replicate({"adapters": pure, "opt_state": tx.init(pure), "step": np.int32(0),
+                             "rng": jax.random.key_data(jax.random.key(seed))}, mesh)
   iterator = pipeline.make_iterator(objective.dataset, num_threads=t.data_threads, prefetch=2,
                                     num_workers=t.data_workers)
 
@@ -204,7 +189,7 @@ def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: Config
     log.info("[train] resumed from step %d (%s)", start, ckpt.latest_step())
 
   train_step = objective.make_step(graphdef, tx)
-  writer = MetricWriter(out_dir, is_primary=jax.process_index() == 0)
+  writer = MetricWriter(out_dir, is_primary=parallel.is_writer())
   progress = Progress(t.steps)
   progress.start(start)
   interval = None  # clu metrics of the current logging interval, accumulated on device
@@ -215,8 +200,7 @@ def fit(model, objective: Objective, *, train_cfg: ConfigDict, optim_cfg: Config
       for step in range(start, t.steps):
         batch = next(iterator)
         arrays, geometry = objective.host_batch(batch)
-        arrays = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-            parallel.batch_sharding(mesh, x.ndim), x), arrays)
+        arrays = parallel.host_to_global(arrays, mesh)  # this process's slice of the global batch
         # settle: a no-op but on multi-device CPU, where queued collective programs can deadlock.
         state, metrics = parallel.settle(train_step(state, frozen, arrays, geometry))
         faults.point("train.step")
