@@ -9,6 +9,7 @@ back. Of several processes, process 0 writes (`is_writer`) and all meet at `barr
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from typing import Any, Iterable, Mapping, Sequence
@@ -215,11 +216,22 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+_barriers = itertools.count()
+
+
 def barrier(name: str) -> None:
   """Every process waits here until all have arrived (a no-op with one process): before a stage is marked done,
-  and before anyone reads what another process wrote."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+  and before anyone reads what another process wrote.
+
+  A barrier of the coordination service, not a device collective (`multihost_utils.sync_global_devices`): gloo
+  gives a collective's peers 30 s to arrive, and the other processes wait here for as long as process 0 works
+  alone (e.g. the prepare stage). RECALL_BARRIER_TIMEOUT_S (default 2 h) bounds the wait."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the coordination client of jax.distributed.initialize
+  timeout_s = float(os.environ.get("RECALL_BARRIER_TIMEOUT_S", 7200))
+  # Every process passes the same barriers in the same order, so the count makes each id unique and shared.
+  distributed.global_state.client.wait_at_barrier(f"recall_jax/{next(_barriers)}/{name}", int(timeout_s * 1000))
 
 
 def settle(tree):

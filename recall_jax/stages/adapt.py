@@ -42,6 +42,8 @@ def train_on(cfg: ConfigDict, workdir: str, out: str, queries: Sequence[Query], 
   mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
   if model is None:
     model, tokenizer = common.load_base_model(cfg, workdir, mesh=mesh)
+  else:
+    common.place_model(model, cfg, mesh)  # the val evaluation embeds with the model itself
   val = common.read_splits(cfg, workdir, cfg.eval.split)
   result = trainer.train(
       cfg, model, tokenizer, queries, dataset=cfg.data.dataset, load=data_source.image_loader(cfg, workdir, splits),

@@ -362,7 +362,8 @@ def _sheet(samples: list[dict], load, path: str, n: int) -> None:
 def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
         sampler: Optional[Sampler] = None, round_num: int = 1, mesh=None) -> dict:
   """Calibrates the records of round `round_num`'s mine stage with the frozen foundation model (or the given model
-  / sampler), decoding on `mesh` (default: the config's; a given model must be on it).
+  / sampler), decoding on `mesh` (default: the config's; a given model is placed on it, a given sampler keeps its
+  own).
 
   With several processes, every batch of records is split across them: each process's devices decode their rows
   of the global batch (`Sampler(mesh=...)`) and every process gets all rows back, so all hold the same samples;
@@ -385,6 +386,8 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
     mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
     if model is None:
       model, tokenizer = common.load_base_model(cfg, workdir, common.foundation_checkpoint(cfg, workdir), mesh=mesh)
+    else:
+      common.place_model(model, cfg, mesh)
     sampler = Sampler(model, tokenizer, cache_buckets=ccfg.prompt_lengths, mesh=mesh)
   tokenizer = tokenizer or sampler.tokenizer
   world = _oracle_for(images, records) if ccfg.oracle or ccfg.rewriter == "oracle" else None

@@ -67,9 +67,10 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None, 
   """Evaluates, with the same protocol on cfg.eval.split, the baseline (adapt's adapters) and the refined model of
   every finished round, each under out/<tag>/ (`models_to_evaluate`); with config eval.foundation_verification,
   F's P(yes) per query under out/foundation/. A given `model` is evaluated alone, into `out` itself. Models run on
-  `mesh` (default: the config's; a given model must be on it)."""
+  `mesh` (default: the config's; a given model is placed on it)."""
   mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
   if model is not None:
+    common.place_model(model, cfg, mesh)
     summary, _ = evaluate_model(cfg, workdir, out, model, tokenizer, checkpoint or "given model", mesh=mesh)
     return {"split": cfg.eval.split, "checkpoint": checkpoint, "metrics": summary}
   models, missing = models_to_evaluate(cfg, workdir)

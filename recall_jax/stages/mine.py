@@ -198,7 +198,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None, 
         round_num: int = 1) -> dict:
   """Mines cfg.mine.split with `model` (default: round `round_num`'s retriever, base + the adapters of
   `common.round_start_stage`: adapt's in round 1, the previous round's refine after), embedding on `mesh`
-  (default: the config's; a given model must be on it); returns the manifest, which names the adapters used and
+  (default: the config's; a given model is placed on it); returns the manifest, which names the adapters used and
   fingerprints the embeddings. Every process ranks the gathered embeddings alike; process 0 writes."""
   mcfg = cfg.mine
   if mcfg.strategy not in STRATEGIES:
@@ -207,6 +207,8 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None, 
   mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
   if model is None:
     model, tokenizer, adapter_dir = common.round_retriever(cfg, workdir, round_num, mesh=mesh)
+  else:
+    common.place_model(model, cfg, mesh)
   encode_cfg = common.encode_config(cfg)
   records, splits, fingerprints = [], {}, {}
   read = common.read_splits(cfg, workdir, mcfg.split)
