@@ -108,11 +108,13 @@ def train(cfg: ConfigDict, model_cfg: Qwen25VLConfig, mesh: Mesh) -> jax.stages.
   return step.lower(state, frozen, arrays, _replicated(geometry, mesh))
 
 
-def _batch_sharded(inputs: dict[str, Any], mesh: Mesh, keys=("input_ids", "attention_mask", "pixel_values")):
-  """As eval/embeddings._shard_batch: per-example arrays and the image-major pixel rows over the batch axes, the rest
-  (vision geometry, position ids) replicated."""
-  return {k: (jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=parallel.batch_sharding(mesh, np.ndim(v)))
-              if k in keys else _replicated(v, mesh)) for k, v in inputs.items()}
+def _batch_sharded(inputs: dict[str, Any], mesh: Mesh,
+                   axes=(("input_ids", 0), ("attention_mask", 0), ("pixel_values", 0), ("position_ids", 1))):
+  """As eval/embeddings._to_mesh: per-example arrays, the image-major pixel rows and the position ids (3, B, L) over
+  the batch axes, the rest (vision geometry) replicated."""
+  axes = dict(axes)
+  return {k: (jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=parallel.batch_sharding(mesh, np.ndim(v), axes[k]))
+              if k in axes else _replicated(v, mesh)) for k, v in inputs.items()}
 
 
 def embed_batch_size(cfg: ConfigDict) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from recall_jax import recall_config
+from recall_jax import parallel, recall_config
 from recall_jax.data import pipeline, prompts
 from recall_jax.data.image import load_image
 from recall_jax.data.records import CIRSplit, Query
@@ -56,13 +56,19 @@ class Embedder:
 
   The plain constructor takes the model and every preprocessing setting explicitly; `from_pretrained` reads them
   from the adapters' recall_config.json. `identity` describes where the weights came from (for cache keys); None
-  hashes the weights themselves when a cache needs it.
+  hashes the weights themselves when a cache needs it. With a `mesh`, the weights are placed on it (replicated, or by
+  `sharding_rules`) and every batch is sharded over its batch axes (`batch_size` must divide into them).
   """
 
   def __init__(self, model, tokenizer, *, encode: pipeline.EncodeConfig, dataset: str, batch_size: int = 16,
-               mesh=None, identity: Optional[dict] = None):
+               mesh=None, sharding_rules=(), identity: Optional[dict] = None):
     if dataset not in prompts.QUERY_INSTRUCTIONS:
       raise ValueError(f"Embedder dataset must be one of {sorted(prompts.QUERY_INSTRUCTIONS)}, got {dataset!r}")
+    if mesh is not None:
+      if batch_size % parallel.batch_shards(mesh):
+        raise ValueError(f"Embedder batch_size {batch_size} does not divide into the {parallel.batch_shards(mesh)} "
+                         f"batch shards of mesh {dict(mesh.shape)}")
+      nnx.update(model, parallel.place_params(nnx.state(model), mesh, sharding_rules))
     self.model, self.tokenizer, self.dataset, self.encode = model, tokenizer, dataset, encode
     self.batch_size, self.mesh = batch_size, mesh
     self._identity = identity
@@ -91,7 +97,7 @@ class Embedder:
       raise FileNotFoundError(f"base checkpoint {checkpoint} (base_checkpoint of "
                               f"{os.path.join(adapter_dir, recall_config.FILENAME)}) has no config.json: pass "
                               "checkpoint= where the base now is")
-    model = qwen2_5_vl.from_pretrained(checkpoint, dtype=DTYPES[dtype], position_mode=position_mode)
+    model = qwen2_5_vl.from_pretrained(checkpoint, dtype=DTYPES[dtype], position_mode=position_mode, mesh=mesh)
     peft_io.import_peft(model, adapter_dir, names=qwen_names.PEFT_NAMES)
     lora.merge_lora(model)
     identity = {

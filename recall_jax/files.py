@@ -1,5 +1,6 @@
 """Atomic file writes: a temp file in the same directory, fsync, rename. Readers never see half a file, and a
-crash mid-write leaves the previous version (or nothing) in place."""
+crash mid-write leaves the previous version (or nothing) in place. Of several processes only the writer
+(`parallel.is_writer`, process 0) writes; the others hold the same content and skip the write."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import os
 import tempfile
 from typing import Any
 
+from recall_jax import parallel
+
 
 def atomic_write_text(path: str, text: str) -> str:
+  if not parallel.is_writer():
+    return path
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)

@@ -3,7 +3,10 @@
 Runs the configured stages in order; each writes its artifacts under DIR/<stage>/ and is skipped when its manifest
 exists and was made from the same config fields and inputs (stages/fingerprint.py), so an interrupted run resumes
 where it stopped and a changed config never mixes with old artifacts (--on_change=refuse|rerun). The config is
-written to DIR/config.json, and every run's to DIR/config_history.jsonl.
+written to DIR/config.json, and every run's to DIR/config_history.jsonl. The device mesh (config mesh.shape) is
+built once here and handed to every stage that places weights or batches. Launched as several processes
+(`parallel.maybe_initialize_distributed`; locally: `python -m recall_jax.launch_local`), every process runs every
+stage; process 0 writes the files and the logs.
 With config rounds = R, the round stages (mine, calibrate, refine) in the list run R times: round 1 in DIR/mine, ...,
 round r >= 2 in DIR/round<r>/mine, ... (`artifacts.expand_stages`). A plain name in --stages means every round;
 "round2/mine" names one.
@@ -33,13 +36,17 @@ _ON_CHANGE = flags.DEFINE_enum(
 log = logging.getLogger("recall_jax")
 
 
+# The stages that put weights or batches on devices: they take the run's mesh.
+_PLACED = ("teach", "adapt", "mine", "calibrate", "refine", "evaluate")
+
+
 def _stage_fns():
   from recall_jax.stages import adapt, calibrate, evaluate, mine, prepare, refine, report, teach
   return {"prepare": prepare.run, "teach": teach.run, "adapt": adapt.run, "mine": mine.run,
           "calibrate": calibrate.run, "refine": refine.run, "evaluate": evaluate.run, "report": report.run}
 
 
-def _stage_call(fns: dict, cfg, workdir: str, name: str):
+def _stage_call(fns: dict, cfg, workdir: str, name: str, mesh=None):
   """out_dir -> manifest for one (possibly round-qualified) stage name."""
   stage, round_num = artifacts.parse_stage(name)
   if stage not in fns:
@@ -47,9 +54,10 @@ def _stage_call(fns: dict, cfg, workdir: str, name: str):
                      f"(round stages also as round<r>/<stage>)")
   if round_num > cfg.rounds:
     raise ValueError(f"stage {name!r} is beyond config rounds = {cfg.rounds}")
+  kw = {"mesh": mesh} if stage in _PLACED else {}
   if round_num:
-    return lambda d: fns[stage](cfg, workdir, d, round_num=round_num)
-  return lambda d: fns[stage](cfg, workdir, d)
+    kw["round_num"] = round_num
+  return lambda d: fns[stage](cfg, workdir, d, **kw)
 
 
 def provenance(cfg, workdir: str, stage: str) -> dict:
@@ -58,8 +66,9 @@ def provenance(cfg, workdir: str, stage: str) -> dict:
                               fingerprint.upstream_stages(stage, cfg.rounds))
 
 
-def run(cfg, workdir: str, stages: list[str], on_change: str = "refuse") -> dict:
-  """Runs `stages` (expanded over config rounds) in order; returns {stage name: manifest}.
+def run(cfg, workdir: str, stages: list[str], on_change: str = "refuse", mesh=None) -> dict:
+  """Runs `stages` (expanded over config rounds) in order on `mesh` (default: `parallel.mesh_from_config`);
+  returns {stage name: manifest}.
 
   A stage whose finished or partial artifacts were made from other config fields or inputs (fingerprint.py) is
   refused before anything runs (on_change "refuse"), or redone with the stages after it ("rerun")."""
@@ -68,7 +77,8 @@ def run(cfg, workdir: str, stages: list[str], on_change: str = "refuse") -> dict
   fns = _stage_fns()
   config_check.validate(cfg, list(stages))  # every value checked before any stage runs
   stages = artifacts.expand_stages(list(stages), cfg.rounds)
-  calls = {name: _stage_call(fns, cfg, workdir, name) for name in stages}  # every name checked before any runs
+  mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
+  calls = {name: _stage_call(fns, cfg, workdir, name, mesh) for name in stages}  # every name checked before any runs
   # A finished input this run does not redo must belong to this config too, or a listed stage would read it.
   inputs = sorted({u for s in stages for u in fingerprint.upstream_stages(s, cfg.rounds)
                    if u not in stages and artifacts.is_done(workdir, u)})
@@ -94,9 +104,10 @@ def run(cfg, workdir: str, stages: list[str], on_change: str = "refuse") -> dict
   os.makedirs(workdir, exist_ok=True)
   config = json.loads(cfg.to_json_best_effort())
   artifacts.atomic_write_json(os.path.join(workdir, "config.json"), config)  # the latest; the history below
-  with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
-    f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": stages, "on_change": on_change,
-                        "config": config}, sort_keys=True, default=str) + "\n")
+  if parallel.is_writer():
+    with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
+      f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": stages, "on_change": on_change,
+                          "config": config}, sort_keys=True, default=str) + "\n")
   out = {}
   for stage in stages:
     # Provenance is taken when the stage starts: upstream stages rerun just before count with their new run ids.
@@ -106,20 +117,21 @@ def run(cfg, workdir: str, stages: list[str], on_change: str = "refuse") -> dict
 
 
 def setup_logging() -> None:
-  """Our progress lines on stderr; library chatter (Orbax, absl) only from warnings up."""
+  """Our progress lines on stderr, from the writing process (process 0); library chatter (Orbax, absl) and the
+  other processes' lines only from warnings up."""
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
   handler = logging.StreamHandler()
   handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
   log.handlers[:] = [handler]
-  log.setLevel(logging.INFO)
+  log.setLevel(logging.INFO if parallel.is_writer() else logging.WARNING)
   log.propagate = False
 
 
 def main(argv):
   del argv
+  parallel.maybe_initialize_distributed()  # first: the process index decides who logs
   setup_logging()
-  parallel.maybe_initialize_distributed()
   cfg = _CONFIG.value
   if cfg is None:
     raise app.UsageError("--config is required: a config file, e.g. --config configs/demo.py "

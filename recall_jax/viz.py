@@ -9,6 +9,8 @@ from typing import Callable, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from recall_jax import parallel
+
 GREEN, RED, GREY = (40, 170, 60), (210, 50, 50), (150, 150, 150)
 # Bar colours of the report's series, in order (baseline first): grey-blue, then warm colours for refined rounds.
 SERIES_COLOURS = ((110, 130, 170), (230, 120, 40), (200, 60, 90), (120, 70, 160), (60, 150, 140))
@@ -84,7 +86,10 @@ def contact_sheet_rows(
 
 
 def save_png(img: Image.Image, path: str) -> str:
-  """Writes `img` atomically (a crash never leaves half a picture); returns the path."""
+  """Writes `img` atomically (a crash never leaves half a picture), on the writing process only; returns the
+  path."""
+  if not parallel.is_writer():
+    return path
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp.png"
   img.save(tmp)

@@ -5,7 +5,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from recall_jax import embed
+from recall_jax import embed, parallel
 from recall_jax.models import embedding
 from recall_jax.data import pipeline, prompts
 from recall_jax.data.image import ImageBuckets
@@ -109,7 +109,8 @@ def test_adapt_writes_the_preprocessing_beside_the_adapters(adapted):
 
 def test_from_pretrained_embeds_exactly_as_the_evaluate_stage(adapted):
   workdir, adapter_dir, split = adapted
-  embedder = embed.Embedder.from_pretrained(adapter_dir)
+  # On the run's mesh: batches split as the stage split them (bf16 sums depend on the per-device batch).
+  embedder = embed.Embedder.from_pretrained(adapter_dir, mesh=parallel.mesh_from_config(_run_config()))
   q = embedder.embed_queries([split.images[x.reference] for x in split.queries], [], captions=[
       x.captions for x in split.queries])
   g = embedder.embed_targets([split.images[name] for name in split.gallery])

@@ -9,7 +9,8 @@ import recall_jax
 
 # Lowest first. A unit may import units of lower layers only (and itself).
 LAYERS = [
-    {"files", "progress", "faults", "parallel", "losses", "viz"},
+    {"progress", "faults", "parallel", "losses"},
+    {"files", "viz"},
     {"data"},
     {"models"},
     {"generate", "recall_config", "flops"},
@@ -18,7 +19,7 @@ LAYERS = [
     {"stages"},
     {"config_check"},
     {"main"},
-    {"cli", "study", "aot"},
+    {"cli", "study", "aot", "launch_local"},
 ]
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 ROOT = pathlib.Path(recall_jax.__file__).parent

@@ -53,3 +53,15 @@ def test_settle_waits_for_a_multi_device_cpu_program():
   assert out["loss"].is_ready()
   single = jax.device_put(jnp.ones((4,)), jax.devices()[0])
   assert parallel.settle(single) is single  # one device: returned as it is
+
+
+def test_host_to_global_shards_the_named_batch_axis_replicates_the_geometry_and_names_a_bad_batch():
+  mesh = parallel.make_mesh((-1, 1, 1))
+  positions = np.arange(3 * 8 * 2).reshape(3, 8, 2)
+  g = parallel.host_to_global({"position_ids": positions, "vision": {"index": np.arange(5)}}, mesh,
+                              batch_axes={"position_ids": 1}, global_rows=8)
+  assert g["position_ids"].sharding.spec == P(None, ("data", "fsdp"), None)
+  assert g["vision"]["index"].sharding.is_fully_replicated
+  np.testing.assert_array_equal(parallel.to_host(g["position_ids"]), positions)
+  with pytest.raises(ValueError, match=r"a batch of 6 rows .* 8 batch shards"):
+    parallel.host_to_global({"x": np.zeros((6, 2))}, mesh)

@@ -21,6 +21,7 @@ from recall_jax import parallel
 from recall_jax.data import pipeline
 from recall_jax.data.records import CIRSplit
 from recall_jax.models import embedding
+from recall_jax.models.qwen2_5_vl.vision_geometry import batch_geometry
 from recall_jax.progress import Progress
 
 log = logging.getLogger("recall_jax")
@@ -32,40 +33,39 @@ def _embed_step(graphdef, state, inputs):
 
 
 def _embed_dataset(model, dataset, prefix: str, count: int, mesh: Optional[Mesh], label: str) -> np.ndarray:
+  """Embeds this process's slices of every global batch; returns all `count` rows on every process."""
   graphdef, state = nnx.split(model)
   out: Optional[np.ndarray] = None
+  filled = np.zeros(count, bool)
   progress = Progress(len(dataset), unit="batches")
   pending = []
   for step, batch in enumerate(pipeline.make_iterator(dataset, num_threads=2, prefetch=2)):
     inputs = embedding.side_inputs(model, batch, prefix)
     if mesh is not None:
-      inputs = _shard_batch(inputs, mesh)
+      inputs = _to_mesh(model, inputs, batch[f"{prefix}_image_grid_thw"], mesh)
     # Dispatch now, read back later: the host keeps preparing batches while the device computes.
     pending.append((batch["index"], batch["valid"], parallel.settle(_embed_step(graphdef, state, inputs))))
     if (step + 1) % 20 == 0 or step + 1 == len(dataset):
       for index, valid, emb in pending:
-        emb = np.asarray(jax.device_get(emb), np.float32)
+        emb = np.asarray(jax.device_get(emb) if mesh is None else parallel.local_rows(emb, mesh), np.float32)
         if out is None:
           out = np.zeros((count, emb.shape[-1]), np.float32)
         out[index[valid]] = emb[valid]
+        filled[index[valid]] = True
       pending.clear()
       log.info("[%s] %s", label, progress.line(step + 1))
   if out is None:
     raise ValueError(f"{label}: nothing to embed")
-  if jax.process_count() > 1:
-    # Each process filled the rows of its own slices; the rows of the others are zero.
-    from jax.experimental import multihost_utils
-    out = np.asarray(multihost_utils.process_allgather(out)).sum(axis=0)
-  return out
+  return parallel.gather_rows(out, filled)
 
 
-def _shard_batch(inputs: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
-  """Per-example arrays and the pixel rows (image-major, so whole images per shard) go over the batch axes; the
-  vision geometry (global gather indices) stays replicated and XLA inserts the collectives."""
-  out = dict(inputs)
-  for key in ("input_ids", "attention_mask", "pixel_values"):
-    out[key] = jax.device_put(inputs[key], parallel.batch_sharding(mesh, inputs[key].ndim))
-  return out
+def _to_mesh(model, inputs: dict[str, Any], grids: np.ndarray, mesh: Mesh) -> dict[str, Any]:
+  """This process's slice of a batch -> global arrays: per-example arrays and the pixel rows (image-major, so whole
+  images per shard) over the batch axes; the vision geometry, of the global batch's images, replicated (XLA
+  inserts the collectives)."""
+  images = len(grids) * jax.process_count()
+  vision = batch_geometry(model.cfg.vision, tuple(int(g) for g in grids[0]), images)
+  return parallel.host_to_global({**inputs, "vision": vision}, mesh, batch_axes={"position_ids": 1})
 
 
 def _name(split: CIRSplit) -> str:

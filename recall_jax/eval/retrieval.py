@@ -11,7 +11,6 @@ from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from recall_jax import parallel
@@ -42,7 +41,7 @@ def embed_in_batches(embed_fn: Callable[[Any], jax.Array], items: Any, batch_siz
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if mesh is not None:
-    shards = int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES if a in mesh.axis_names]))
+    shards = parallel.batch_shards(mesh)
     if batch_size % shards:
       raise ValueError(f"batch_size {batch_size} is not divisible by the {shards} batch shards "
                        f"of mesh {dict(mesh.shape)}")
@@ -54,13 +53,11 @@ def embed_in_batches(embed_fn: Callable[[Any], jax.Array], items: Any, batch_siz
     if mesh is None:
       batch = jax.tree.map(jax.numpy.asarray, batch)
     else:
-      batch = jax.tree.map(
-          lambda x: jax.make_array_from_process_local_data(parallel.batch_sharding(mesh, x.ndim), x, x.shape), batch)
+      batch = parallel.host_to_global(batch, mesh, global_rows=batch_size)
     out = embed_fn(batch)
     if out.ndim != 2 or out.shape[0] != batch_size:
       raise ValueError(f"embed_fn must return ({batch_size}, D), got {out.shape}")
-    if isinstance(out, jax.Array) and not out.is_fully_addressable:
-      out = multihost_utils.process_allgather(out, tiled=True)
+    out = parallel.to_host(out)
     valid = min(batch_size, num - start)
     outputs.append(np.asarray(out, np.float32)[:valid])
   return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)

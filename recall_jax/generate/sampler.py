@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh
 
 from recall_jax import parallel
 from recall_jax.generate import kv_cache
@@ -47,17 +48,19 @@ def next_positions(position_ids: jax.Array, attention_mask: jax.Array) -> jax.Ar
   return (jnp.max(jnp.where(valid, position_ids, -1), axis=(0, 2)) + 1).astype(jnp.int32)
 
 
-def _prefill(graphdef: nnx.GraphDef, state: nnx.State, inputs: dict[str, Any],
-             cache_length: int) -> tuple[jax.Array, kv_cache.KVCache, jax.Array]:
+def _prefill(graphdef: nnx.GraphDef, state: nnx.State, inputs: dict[str, Any], cache_length: int,
+             mesh: Mesh | None = None) -> tuple[jax.Array, kv_cache.KVCache, jax.Array]:
   model = nnx.merge(graphdef, state)
   lm = model.language_model
   cache = kv_cache.init(model.cfg.text, inputs["input_ids"].shape[0], cache_length, lm.dtype)
+  if mesh is not None:  # the cache's rows live with their batch rows; the decode loop keeps that layout
+    cache = parallel.constrain_batch(cache, mesh)
   hidden, cache = lm(model.embed_inputs(inputs), inputs["position_ids"], inputs["attention_mask"], cache=cache)
   logits = model.logits(hidden[:, -1]).astype(jnp.float32)
   return logits, cache, next_positions(inputs["position_ids"], inputs["attention_mask"])
 
 
-jitted_prefill = jax.jit(_prefill, static_argnums=(0, 3))
+jitted_prefill = jax.jit(_prefill, static_argnums=(0, 3, 4))
 
 
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, cache: kv_cache.KVCache, logits: jax.Array,
@@ -163,11 +166,14 @@ class Sampler:
   eos_ids: one or several ids that end a row. pad_id: what finished rows emit and what prompts are padded with.
   cache_buckets: allowed padded prompt lengths (default: powers of two from 16); the cache holds the prompt
   bucket + max_new_tokens slots, so each (batch, bucket, max_new_tokens, sampling) compiles once.
+  mesh: shard every batch, and with it the KV cache, over the mesh's batch axes (the model's weights must be on
+  that mesh: `parallel.place_params`); every process passes the whole batch and gets every row back.
   """
 
   def __init__(self, model: Qwen25VLModel, tokenizer: Any = None, *, eos_ids: int | Sequence[int] | None = None,
-               pad_id: int | None = None, cache_buckets: Sequence[int] | None = None):
+               pad_id: int | None = None, cache_buckets: Sequence[int] | None = None, mesh: Mesh | None = None):
     self.model = model
+    self.mesh = mesh
     self.tokenizer = tokenizer
     if eos_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
       # As Qwen2.5-VL-Instruct's generation_config: the chat turn end (<|im_end|>) and <|endoftext|>.
@@ -200,7 +206,10 @@ class Sampler:
     check_left_padded(attention_mask)
     length = bucket_length(input_ids.shape[1], self.cache_buckets)
     input_ids, attention_mask = left_pad(input_ids, attention_mask, length, self.pad_id)
-    return self.model.prepare(input_ids, attention_mask, image_grid_thw, pixel_values)
+    inputs = self.model.prepare(input_ids, attention_mask, image_grid_thw, pixel_values)
+    if self.mesh is None:
+      return inputs
+    return parallel.host_to_global(inputs, self.mesh, batch_axes={"position_ids": 1}, global_rows=len(input_ids))
 
   def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                pixel_values: np.ndarray | None = None, image_grid_thw: np.ndarray | None = None, *,
@@ -217,11 +226,11 @@ class Sampler:
     inputs = self._prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
     graphdef, state = nnx.split(self.model)
     cache_length = inputs["input_ids"].shape[1] + max_new_tokens
-    logits, cache, positions = parallel.settle(jitted_prefill(graphdef, state, inputs, cache_length))
+    logits, cache, positions = parallel.settle(jitted_prefill(graphdef, state, inputs, cache_length, self.mesh))
     output, _ = jitted_decode(graphdef, state, cache, logits, positions, rng, np.asarray(self.eos_ids, np.int32),
                               np.int32(self.pad_id), max_new_tokens=max_new_tokens, sampling=sampling,
                               return_logits=return_logits)
-    return output
+    return parallel.addressable(parallel.settle(output))
 
   def score_candidates(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                        pixel_values: np.ndarray | None = None, image_grid_thw: np.ndarray | None = None, *,
@@ -233,7 +242,7 @@ class Sampler:
       raise ValueError(f"candidate_ids must be a non-empty list of ids in [0, {vocab}), got {candidate_ids}")
     inputs = self._prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
     graphdef, state = nnx.split(self.model)
-    return jitted_score(graphdef, state, inputs, candidates)
+    return parallel.addressable(parallel.settle(jitted_score(graphdef, state, inputs, candidates)))
 
   def decode_text(self, output: GenerateOutput, skip_special_tokens: bool = True) -> list[str]:
     """The generated texts, each cut at its length (its EOS included, then dropped as a special token)."""

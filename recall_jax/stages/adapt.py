@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 from ml_collections import ConfigDict
 
-from recall_jax import recall_config
+from recall_jax import parallel, recall_config
 from recall_jax.data.records import CIRSplit, Query
 from recall_jax.eval import embeddings, retrieval
 from recall_jax.stages import common, data_source
@@ -37,13 +37,15 @@ def val_eval_fn(cfg: ConfigDict, workdir: str, tokenizer, splits: Sequence[CIRSp
 
 
 def train_on(cfg: ConfigDict, workdir: str, out: str, queries: Sequence[Query], splits: Sequence[CIRSplit], *,
-             grouped: bool, model=None, tokenizer=None, stop_after: Optional[int] = None,
+             grouped: bool, model=None, tokenizer=None, stop_after: Optional[int] = None, mesh=None,
              loop: Optional[settings.LoopConfig] = None, loss: Optional[LossConfig] = None) -> dict:
   """Shared by Stage 1 and Stage 4: train adapters on `queries` (their images: those of `splits`), evaluating on
-  the val split. `loop` and `loss` default to config train and loss."""
-  mesh = common.training_mesh(cfg)
+  the val split, on `mesh` (default: the config's). `loop` and `loss` default to config train and loss."""
+  mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
   if model is None:
     model, tokenizer = common.load_base_model(cfg, workdir, mesh=mesh)
+  else:
+    common.place_model(model, cfg, mesh)  # the val evaluation embeds with the model itself
   val = common.read_splits(cfg, workdir, cfg.eval.split)
   result = trainer.train(
       cfg, model, tokenizer, queries, dataset=cfg.data.dataset, load=data_source.image_loader(cfg, workdir, splits),
@@ -54,11 +56,11 @@ def train_on(cfg: ConfigDict, workdir: str, out: str, queries: Sequence[Query], 
           "train_queries": len(queries)}
 
 
-def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
+def run(cfg: ConfigDict, workdir: str, out: str, *, mesh=None) -> dict:
   splits = common.read_splits(cfg, workdir, "train")
   queries = [q for s in splits for q in s.queries]
   log.info("[adapt] %d training triplets", len(queries))
-  manifest = train_on(cfg, workdir, out, queries, splits, grouped=False)
+  manifest = train_on(cfg, workdir, out, queries, splits, grouped=False, mesh=mesh)
   # The base these adapters belong to (R_base starts from F): checked whenever they are merged again.
   manifest["base_checkpoint"] = common.foundation_checkpoint(cfg, workdir)
   # Beside the adapters, the preprocessing they were trained with, for Embedder.from_pretrained.

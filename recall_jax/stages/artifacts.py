@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Any, Callable, Iterable
 
-from recall_jax import files
+from recall_jax import files, parallel
 from recall_jax.files import atomic_write_text
 from recall_jax.train import logging as tb_logging
 
@@ -181,7 +181,11 @@ def run_stage(workdir: str, stage: str, fn: Callable[[str], dict], *, log: Calla
 
   With `current` (provenance()), finished or partial artifacts made from anything else are never reused: with
   on_change "refuse" that is an error naming the changed fields, with "rerun" the old folder moves to superseded/
-  and the stage runs afresh. The manifest records `current` and a new run id."""
+  and the stage runs afresh. The manifest records `current` and a new run id.
+
+  Several processes all run fn; process 0 writes (files.py, `parallel.is_writer`). They meet at a barrier before
+  the manifest is written (every process has finished the stage) and after (no process reads or skips past a
+  stage whose manifest is not there yet); every process returns process 0's manifest."""
   if on_change not in ON_CHANGE:
     raise ValueError(f"on_change must be one of {ON_CHANGE}, got {on_change!r}")
   out = stage_dir(workdir, stage)
@@ -190,7 +194,9 @@ def run_stage(workdir: str, stage: str, fn: Callable[[str], dict], *, log: Calla
     if reasons and on_change == "refuse":
       raise StaleStageError(stage, out, reasons)
     if reasons:
-      log(f"[{stage}] stale ({'; '.join(reasons[:5])}): moved to {supersede(workdir, stage)}")
+      if parallel.is_writer():
+        log(f"[{stage}] stale ({'; '.join(reasons[:5])}): moved to {supersede(workdir, stage)}")
+      parallel.barrier(f"{stage}.superseded")
   if is_done(workdir, stage):
     log(f"[{stage}] done already ({os.path.join(out, MANIFEST)}); skipping")
     return read_manifest(workdir, stage)
@@ -204,7 +210,9 @@ def run_stage(workdir: str, stage: str, fn: Callable[[str], dict], *, log: Calla
   manifest["run_id"] = uuid.uuid4().hex
   if current is not None:
     manifest.update(current)
+  parallel.barrier(f"{stage}.finished")
   atomic_write_json(os.path.join(out, MANIFEST), manifest)
   tb_logging.log_pictures(out)  # the stage's contact sheets and charts, beside its curves in TensorBoard
+  parallel.barrier(f"{stage}.done")
   log(f"[{stage}] finished in {manifest['seconds']:.1f}s")
-  return manifest
+  return manifest if parallel.is_writer() else read_manifest(workdir, stage)

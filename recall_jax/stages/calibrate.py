@@ -36,6 +36,7 @@ Oracle agreement (synthetic world: images with scene graphs): each parsed rewrit
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -46,7 +47,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from recall_jax import faults, viz
+from recall_jax import faults, parallel, viz
 from recall_jax.data import pipeline
 from recall_jax.generate import sft
 from recall_jax.data.synthetic import TextParseError
@@ -292,6 +293,13 @@ def read_partial(path: str, prompt_mode: str, rewriter: str = "model") -> dict[s
   return done
 
 
+def _read_partial_everywhere(path: str, ccfg: ConfigDict) -> dict[str, dict]:
+  """`read_partial` on every process: process 0 first (it may cut a torn last line), the others once it has."""
+  done = read_partial(path, ccfg.prompt_mode, ccfg.rewriter) if parallel.is_writer() else None
+  parallel.barrier("calibrate.read_partial")
+  return done if done is not None else read_partial(path, ccfg.prompt_mode, ccfg.rewriter)
+
+
 def seed_partial(generations: str, out: str) -> str:
   """Starts the calibrate run writing to `out` from another run's finished generations.jsonl (same mined records,
   prompt mode and rewriter: checked on reading). Only the keep decision is made anew, under this run's config:
@@ -353,9 +361,14 @@ def _sheet(samples: list[dict], load, path: str, n: int) -> None:
 
 
 def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
-        sampler: Optional[Sampler] = None, round_num: int = 1) -> dict:
+        sampler: Optional[Sampler] = None, round_num: int = 1, mesh=None) -> dict:
   """Calibrates the records of round `round_num`'s mine stage with the frozen foundation model (or the given model
-  / sampler)."""
+  / sampler), decoding on `mesh` (default: the config's; a given model is placed on it, a given sampler keeps its
+  own).
+
+  With several processes, every batch of records is split across them: each process's devices decode their rows
+  of the global batch (`Sampler(mesh=...)`) and every process gets all rows back, so all hold the same samples;
+  process 0 writes them."""
   ccfg = cfg.calibrate
   mined_stage = artifacts.round_stage("mine", round_num)
   if not artifacts.is_done(workdir, mined_stage):
@@ -371,9 +384,12 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
   if missing:
     raise ValueError(f"mined images {missing[:5]} are not in the {cfg.mine.split} split of {cfg.data.dataset}")
   if sampler is None:
+    mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
     if model is None:
-      model, tokenizer = common.load_base_model(cfg, workdir, common.foundation_checkpoint(cfg, workdir))
-    sampler = Sampler(model, tokenizer, cache_buckets=ccfg.prompt_lengths)
+      model, tokenizer = common.load_base_model(cfg, workdir, common.foundation_checkpoint(cfg, workdir), mesh=mesh)
+    else:
+      common.place_model(model, cfg, mesh)
+    sampler = Sampler(model, tokenizer, cache_buckets=ccfg.prompt_lengths, mesh=mesh)
   tokenizer = tokenizer or sampler.tokenizer
   world = _oracle_for(images, records) if ccfg.oracle or ccfg.rewriter == "oracle" else None
   load = data_source.image_loader(cfg, workdir, splits)
@@ -381,32 +397,36 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
   oracle = world if ccfg.oracle else None
 
   partial = os.path.join(out, PARTIAL)
-  done = read_partial(partial, ccfg.prompt_mode, ccfg.rewriter)
+  done = _read_partial_everywhere(partial, ccfg)
   position = {r["id"]: k for k, r in enumerate(records)}
   pending = [r for r in records if r["id"] not in done]
   log.info("[calibrate] %d records (%d mined): %d done before, %d to generate", len(records), len(mined),
            len(records) - len(pending), len(pending))
   progress = Progress(len(pending), unit="samples")
   base_key = jax.random.key(ccfg.seed)
-  with open(partial, "a") as f:
+  # Process 0 appends every finished batch; the others hold the same samples and write nothing.
+  with open(partial, "a") if parallel.is_writer() else contextlib.nullcontext() as f:
     for start in range(0, len(pending), ccfg.batch_size):
       batch = pending[start:start + ccfg.batch_size]
       # Keyed by the batch's first record, so a batch draws the same way whether or not the run was resumed.
       rng = None if calibrator.sampling.greedy else jax.random.fold_in(base_key, position[batch[0]["id"]])
-      for rec in calibrate_batch(calibrator, batch, rng, oracle):
-        f.write(json.dumps(rec, sort_keys=True) + "\n")
-        faults.point("calibrate.write")
-      f.flush()
-      os.fsync(f.fileno())
+      finished = calibrate_batch(calibrator, batch, rng, oracle)
+      if f is not None:
+        for rec in finished:
+          f.write(json.dumps(rec, sort_keys=True) + "\n")
+          faults.point("calibrate.write")
+        f.flush()
+        os.fsync(f.fileno())
       log.info("[calibrate] %s", progress.line(start + len(batch)))
 
-  done = read_partial(partial, ccfg.prompt_mode, ccfg.rewriter)
+  done = _read_partial_everywhere(partial, ccfg)
   samples = [apply_filter(done[r["id"]], ccfg) for r in records]
   artifacts.write_jsonl(os.path.join(out, GENERATIONS), samples)
   artifacts.write_jsonl(os.path.join(out, CORRECTIVE), [corrective_triplet(s) for s in samples if s["kept"]])
   sheet = os.path.join(out, SHEET)
   _sheet(samples, load, sheet, ccfg.sheet_samples)
-  os.remove(partial)
+  if parallel.is_writer():
+    os.remove(partial)
   stats = statistics(samples, len(mined))
   log.info("[calibrate] %s", json.dumps({k: v for k, v in stats.items() if k != "oracle"}))
   return {

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
+from flax import nnx
 from ml_collections import ConfigDict
 
-from recall_jax import recall_config
+from recall_jax import parallel, recall_config
 from recall_jax.data import pipeline
 from recall_jax.data.image import ImageBuckets
 from recall_jax.data.records import CIRSplit
@@ -18,22 +19,27 @@ from recall_jax.stages import data_source, paths
 
 def load_base_model(cfg: ConfigDict, workdir: str, checkpoint: str | None = None, *, mesh=None):
   """(model, tokenizer) from the base checkpoint (`foundation_checkpoint`: teach's when it has finished, else the
-  configured or prepare's tiny one), or from `checkpoint` when given. With a mesh, every tensor is read once and
-  placed straight onto its sharding (config sharding.rules; replicated by default)."""
+  configured or prepare's tiny one), or from `checkpoint` when given. Every tensor is read once and placed straight
+  onto its sharding on `mesh` (default: the config's, `parallel.mesh_from_config`) by config sharding.rules
+  (replicated where none matches)."""
   from transformers import AutoTokenizer
   if cfg.model.dtype not in DTYPES:
     raise ValueError(f"config model.dtype must be one of {sorted(DTYPES)}, got {cfg.model.dtype!r}")
   path = checkpoint or foundation_checkpoint(cfg, workdir)
-  from recall_jax import parallel
-  model = qwen2_5_vl.from_pretrained(path, dtype=DTYPES[cfg.model.dtype], mesh=mesh,
-                                     shardings=(parallel.rules_from_config(cfg) or None) if mesh is not None else None,
+  model = qwen2_5_vl.from_pretrained(path, dtype=DTYPES[cfg.model.dtype], mesh=_mesh(cfg, mesh),
+                                     shardings=parallel.rules_from_config(cfg) or None,
                                      position_mode=cfg.model.position_mode)
   return model, AutoTokenizer.from_pretrained(path)
 
 
-def training_mesh(cfg: ConfigDict):
-  from recall_jax import parallel
-  return parallel.make_mesh(tuple(cfg.mesh.shape))
+def _mesh(cfg: ConfigDict, mesh):
+  return mesh if mesh is not None else parallel.mesh_from_config(cfg)
+
+
+def place_model(model, cfg: ConfigDict, mesh=None):
+  """Puts every weight of `model` (merged adapters included) back on the mesh by config sharding.rules."""
+  nnx.update(model, parallel.place_params(nnx.state(model), _mesh(cfg, mesh), parallel.rules_from_config(cfg)))
+  return model
 
 
 def foundation_checkpoint(cfg: ConfigDict, workdir: str) -> str:
@@ -81,29 +87,31 @@ def trained_adapters(cfg: ConfigDict, workdir: str, stage: str) -> str:
   return manifest["adapter_dir"]
 
 
-def load_retriever(cfg: ConfigDict, workdir: str, stage: str | None = None):
+def load_retriever(cfg: ConfigDict, workdir: str, stage: str | None = None, *, mesh=None):
   """(model, tokenizer, adapter_dir): the base model (`foundation_checkpoint`) with the adapters of training stage
-  `stage` merged in ("adapt", "refine", "round2/refine", ...; None: `latest_adapters`, base alone before Stage 1)."""
+  `stage` merged in ("adapt", "refine", "round2/refine", ...; None: `latest_adapters`, base alone before Stage 1),
+  on `mesh` (default: the config's)."""
   from recall_jax.models import lora, peft_io
   from recall_jax.models.qwen2_5_vl import names as qwen_names
   stage = stage or latest_adapters(cfg, workdir)
   adapter_dir = trained_adapters(cfg, workdir, stage) if stage else None
-  model, tokenizer = load_base_model(cfg, workdir)
+  model, tokenizer = load_base_model(cfg, workdir, mesh=mesh)
   if adapter_dir:
     peft_io.import_peft(model, adapter_dir, names=qwen_names.PEFT_NAMES)
     lora.merge_lora(model)
+    place_model(model, cfg, mesh)
   return model, tokenizer, adapter_dir
 
 
-def round_retriever(cfg: ConfigDict, workdir: str, round_num: int):
+def round_retriever(cfg: ConfigDict, workdir: str, round_num: int, *, mesh=None):
   """(model, tokenizer, adapter_dir) that round `round_num` mines with: `round_start_stage`'s adapters on the base.
   Round 1 before Stage 1 has finished mines with the base model alone (adapter_dir None, as its manifest records);
   a later round without the previous round's refine is an error."""
   from recall_jax.stages import artifacts
   stage = round_start_stage(round_num)
   if round_num == 1 and not artifacts.is_done(workdir, stage):
-    return (*load_base_model(cfg, workdir), None)
-  return load_retriever(cfg, workdir, stage)
+    return (*load_base_model(cfg, workdir, mesh=mesh), None)
+  return load_retriever(cfg, workdir, stage, mesh=mesh)
 
 
 def encode_config(cfg: ConfigDict) -> pipeline.EncodeConfig:

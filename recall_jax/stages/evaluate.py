@@ -10,7 +10,7 @@ from typing import Optional
 
 from ml_collections import ConfigDict
 
-from recall_jax import viz
+from recall_jax import parallel, viz
 from recall_jax.eval import embeddings, metrics, results, retrieval, submission
 from recall_jax.stages import artifacts, common, data_source, verify_queries
 
@@ -66,8 +66,11 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None, 
         mesh=None, verify_sampler=None) -> dict:
   """Evaluates, with the same protocol on cfg.eval.split, the baseline (adapt's adapters) and the refined model of
   every finished round, each under out/<tag>/ (`models_to_evaluate`); with config eval.foundation_verification,
-  F's P(yes) per query under out/foundation/. A given `model` is evaluated alone, into `out` itself."""
+  F's P(yes) per query under out/foundation/. A given `model` is evaluated alone, into `out` itself. Models run on
+  `mesh` (default: the config's; a given model is placed on it)."""
+  mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
   if model is not None:
+    common.place_model(model, cfg, mesh)
     summary, _ = evaluate_model(cfg, workdir, out, model, tokenizer, checkpoint or "given model", mesh=mesh)
     return {"split": cfg.eval.split, "checkpoint": checkpoint, "metrics": summary}
   models, missing = models_to_evaluate(cfg, workdir)
@@ -76,8 +79,8 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None, 
   base = common.foundation_checkpoint(cfg, workdir)
   entries = {}
   for tag, stage in models:
-    model, tokenizer, adapter_dir = common.load_retriever(cfg, workdir, stage) if stage else (
-        *common.load_base_model(cfg, workdir), None)
+    model, tokenizer, adapter_dir = common.load_retriever(cfg, workdir, stage, mesh=mesh) if stage else (
+        *common.load_base_model(cfg, workdir, mesh=mesh), None)
     checkpoint = f"{base} + {adapter_dir}" if adapter_dir else base
     log.info("[evaluate] %s: %s", tag, checkpoint)
     summary, _ = evaluate_model(cfg, workdir, os.path.join(out, tag), model, tokenizer, checkpoint, mesh=mesh)
@@ -87,7 +90,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None, 
   foundation = None
   if cfg.eval.foundation_verification:
     foundation = verify_queries.run(cfg, workdir, common.read_splits(cfg, workdir, cfg.eval.split),
-                                    os.path.join(out, "foundation"), sampler=verify_sampler)
+                                    os.path.join(out, "foundation"), sampler=verify_sampler, mesh=mesh)
   return {"split": cfg.eval.split, "models": entries, "metrics": {t: e["metrics"] for t, e in entries.items()},
           "missing_rounds": missing, "foundation_verification": foundation}
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from recall_jax import viz
+from recall_jax import parallel, viz
 from recall_jax.data.prompts import join_captions
 from recall_jax.data.records import CIRSplit
 from recall_jax.eval import embeddings
@@ -197,14 +197,18 @@ def _sheet(records: list[dict], load, path: str, n: int, title: str) -> None:
 def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None, mesh=None,
         round_num: int = 1) -> dict:
   """Mines cfg.mine.split with `model` (default: round `round_num`'s retriever, base + the adapters of
-  `common.round_start_stage`: adapt's in round 1, the previous round's refine after); returns the manifest, which
-  names the adapters used and fingerprints the embeddings."""
+  `common.round_start_stage`: adapt's in round 1, the previous round's refine after), embedding on `mesh`
+  (default: the config's; a given model is placed on it); returns the manifest, which names the adapters used and
+  fingerprints the embeddings. Every process ranks the gathered embeddings alike; process 0 writes."""
   mcfg = cfg.mine
   if mcfg.strategy not in STRATEGIES:
     raise ValueError(f"config mine.strategy must be one of {STRATEGIES}, got {mcfg.strategy!r}")
   adapter_dir = None
+  mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
   if model is None:
-    model, tokenizer, adapter_dir = common.round_retriever(cfg, workdir, round_num)
+    model, tokenizer, adapter_dir = common.round_retriever(cfg, workdir, round_num, mesh=mesh)
+  else:
+    common.place_model(model, cfg, mesh)
   encode_cfg = common.encode_config(cfg)
   records, splits, fingerprints = [], {}, {}
   read = common.read_splits(cfg, workdir, mcfg.split)

@@ -14,6 +14,7 @@ import jax
 from flax import nnx
 from ml_collections import ConfigDict
 
+from recall_jax import parallel
 from recall_jax.data.synthetic import generate_world
 from recall_jax.models import qwen2_5_vl
 from recall_jax.stages.tokenizer_corpus import world_corpus
@@ -46,7 +47,11 @@ def _tiny_tokenizer(cfg: ConfigDict, workdir: str, vocab_size: int):
 
 
 def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
+  """Writes the world, the tiny checkpoint and the ArrayRecord files; process 0 alone (the others wait for it at
+  the stage's barrier and read its manifest)."""
   manifest: dict = {}
+  if not parallel.is_writer():
+    return manifest
   if world_root(cfg, workdir) != cfg.data.root:  # data.root "" -> generate the synthetic world
     root = world_root(cfg, workdir)
     if os.path.exists(root):  # a crash mid-generation leaves a partial world: start it again

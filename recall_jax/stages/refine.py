@@ -15,7 +15,7 @@ import os
 
 from ml_collections import ConfigDict
 
-from recall_jax import recall_config
+from recall_jax import parallel, recall_config
 from recall_jax.data.records import Query
 from recall_jax.models import peft_io
 from recall_jax.models.qwen2_5_vl import names as qwen_names
@@ -64,7 +64,7 @@ def extra_queries(mode: str, workdir: str, round_num: int) -> list[Query]:
   raise ValueError(f"config refine.mode must be one of {MODES}, got {mode!r}")
 
 
-def run(cfg: ConfigDict, workdir: str, out: str, *, round_num: int = 1) -> dict:
+def run(cfg: ConfigDict, workdir: str, out: str, *, round_num: int = 1, mesh=None) -> dict:
   """Round `round_num`: starts from `common.round_start_stage`'s adapters (adapt's, then the previous round's) and
   trains on this round's corrective.jsonl."""
   mode = cfg.refine.mode
@@ -85,11 +85,12 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, round_num: int = 1) -> dict:
   loss = dataclasses.replace(
       settings.loss(cfg.loss), infonce_weight=cfg.refine.infonce_weight, margin=cfg.refine.margin,
       triplet_weight=cfg.refine.triplet_weight if cfg.refine.grouped else 0.0)  # random batches: no groups
-  model, tokenizer = common.load_base_model(cfg, workdir, mesh=common.training_mesh(cfg))
+  mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
+  model, tokenizer = common.load_base_model(cfg, workdir, mesh=mesh)
   # Continue from R_base (or round r-1); the trainer starts a fresh optimizer.
   peft_io.import_peft(model, start_adapters, names=qwen_names.PEFT_NAMES)
   manifest = adapt.train_on(cfg, workdir, out, queries, splits, grouped=cfg.refine.grouped,
-                            model=model, tokenizer=tokenizer, loop=loop, loss=loss)
+                            model=model, tokenizer=tokenizer, mesh=mesh, loop=loop, loss=loss)
   manifest.update(mode=mode, grouped=bool(cfg.refine.grouped), original_triplets=len(originals),
                   corrective_triplets=len(extra) if mode == "corrective" else 0,
                   hard_negatives=len(extra) if mode == "hard_negative" else 0,

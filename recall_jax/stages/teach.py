@@ -101,7 +101,7 @@ def teach_vision(model, cfg: ConfigDict, workdir: str, out: str, train_splits: l
     figures["val_accuracy"] = dict(zip(VISION_ATTRIBUTES, figures["val_accuracy"]))
     log.info("[teach] vision val accuracy: %s", " ".join(f"{a}={x:.2f}" for a, x in figures["val_accuracy"].items()))
   figures["images"] = len(names)
-  if jax.process_index() == 0:
+  if parallel.is_writer():
     qwen2_5_vl.save_pretrained(model, path)
     artifacts.atomic_write_json(figures_path, figures)
   return figures
@@ -132,7 +132,9 @@ def image_probe(cfg: ConfigDict, workdir: str, tokenizer):
   return probe
 
 
-def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
+def run(cfg: ConfigDict, workdir: str, out: str, *, mesh=None) -> dict:
+  """Teaches F on `mesh` (default: the config's); process 0 saves it."""
+  mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
   cfg = cfg.copy_and_resolve_references()
   with cfg.unlocked():
     cfg.seed = cfg.teach.seed  # every draw below (and in vision pretraining and the quality check) is teach's own
@@ -151,7 +153,7 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
   log.info("[teach] %d SFT examples from %d training triplets: %s", len(examples), len(queries), tasks)
 
   # The base before teaching (teach's own checkpoint would be F once this stage has finished).
-  model, tokenizer = common.load_base_model(cfg, workdir, paths.checkpoint_dir(cfg, workdir))
+  model, tokenizer = common.load_base_model(cfg, workdir, paths.checkpoint_dir(cfg, workdir), mesh=mesh)
   vision = teach_vision(model, cfg, workdir, out, splits) if t.vision.steps else None
   params = trainable(model, cfg)
   ds = sft.sft_dataset(examples, load=data_source.image_loader(cfg, workdir, splits), tokenizer=tokenizer,
@@ -161,8 +163,7 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
       host_batch=lambda batch: generative.host_batch(model.cfg, batch),
       make_step=generative.make_train_step)
   result = trainer.fit(model, objective, loop=settings.teach_loop(t), optim=settings.optimizer(t.optim),
-                       seed=cfg.seed, out_dir=out,
-                       mesh=parallel.make_mesh(tuple(cfg.mesh.shape)),
+                       seed=cfg.seed, out_dir=out, mesh=mesh, sharding_rules=parallel.rules_from_config(cfg),
                        eval_fn=image_probe(cfg, workdir, tokenizer) if t.probe_every else None)
   if result.steps != t.steps:
     raise RuntimeError(f"[teach] training stopped at step {result.steps} of {t.steps}")
@@ -171,7 +172,7 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
   if not t.trainable_regex:
     lora.merge_lora(model)
   path = os.path.join(out, CHECKPOINT)
-  if jax.process_index() == 0:
+  if parallel.is_writer():
     qwen2_5_vl.save_pretrained(model, path)
     tokenizer.save_pretrained(path)
   quality = None
@@ -183,6 +184,6 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
              f"LoRA rank {t.lora.rank} on /{t.lora.target_regex}/, merged", "steps": result.steps,
              "reasoning": t.reasoning, "vision": vision, "quality": quality,
              "examples": len(examples), "examples_by_task": tasks, "last_train_metrics": result.last_metrics}
-  if cache_key and jax.process_index() == 0:
+  if cache_key and parallel.is_writer():
     teach_cache.store(t.cache_dir, cache_key, out, figures)
   return figures

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 from ml_collections import ConfigDict
 
+from recall_jax import parallel
 from recall_jax.data.prompts import join_captions
 from recall_jax.data.records import CIRSplit
 from recall_jax.eval.results import write_json_atomic
@@ -35,7 +36,7 @@ def split_items(split: CIRSplit, caption_join: str) -> list[tuple[str, str, str]
 
 
 def run(cfg: ConfigDict, workdir: str, splits: Sequence[CIRSplit], out: str, *,
-        sampler: Optional[Sampler] = None) -> dict:
+        sampler: Optional[Sampler] = None, mesh=None) -> dict:
   """Writes verify_<split>.json under `out` for every split with ground truths; returns the summary."""
   splits = [s for s in splits if s.queries and s.queries[0].targets]
   checkpoint = common.foundation_checkpoint(cfg, workdir)
@@ -43,8 +44,9 @@ def run(cfg: ConfigDict, workdir: str, splits: Sequence[CIRSplit], out: str, *,
   if not splits:
     return summary
   if sampler is None:
-    model, tokenizer = common.load_base_model(cfg, workdir, checkpoint)
-    sampler = Sampler(model, tokenizer, cache_buckets=cfg.calibrate.prompt_lengths)
+    mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
+    model, tokenizer = common.load_base_model(cfg, workdir, checkpoint, mesh=mesh)
+    sampler = Sampler(model, tokenizer, cache_buckets=cfg.calibrate.prompt_lengths, mesh=mesh)
   calibrator = calibrate.Calibrator(sampler, sampler.tokenizer, cfg.calibrate, common.encode_config(cfg),
                                     data_source.image_loader(cfg, workdir, splits))
   os.makedirs(out, exist_ok=True)

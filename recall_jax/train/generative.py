@@ -59,7 +59,8 @@ def params_matching(regex: str):
 
 
 def host_batch(model_cfg, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-  """An SFT batch -> (per-example arrays, vision geometry of its B * k images). All images must share one bucket."""
+  """This process's SFT batch -> (per-example arrays, vision geometry of the global batch's B * k images: the
+  geometry is replicated). All images must share one bucket."""
   if "loss_weights" not in batch:  # sft batches always carry them; a batch without them is not an SFT batch
     raise KeyError(f"an SFT batch needs 'loss_weights' (sft.sft_dataset writes them); got keys {sorted(batch)}")
   grids = np.asarray(batch["image_grid_thw"])
@@ -78,7 +79,8 @@ def host_batch(model_cfg, batch: dict[str, np.ndarray]) -> tuple[dict[str, np.nd
       "position_ids": np.swapaxes(position_ids_for(model_cfg, ids, mask, flat), 0, 1).astype(np.int32),
       "pixel_values": np.asarray(batch["pixel_values"][:, :, :patches], np.float32).reshape(b, k * patches, -1),
   }
-  return arrays, step_lib.batch_geometry(model_cfg.vision, tuple(int(g) for g in flat[0]), b * k)
+  return arrays, step_lib.batch_geometry(model_cfg.vision, tuple(int(g) for g in flat[0]),
+                                         b * jax.process_count() * k)
 
 
 def logits(model, arrays: dict[str, jax.Array], geometry: dict[str, jax.Array]) -> jax.Array:

@@ -21,7 +21,7 @@ from flax import nnx
 from recall_jax import losses
 from recall_jax.models import embedding
 from recall_jax.models.qwen2_5_vl.positions import position_ids_for
-from recall_jax.models.qwen2_5_vl.vision_geometry import vision_geometry
+from recall_jax.models.qwen2_5_vl.vision_geometry import batch_geometry
 from recall_jax.train import gradcache
 
 SIDES = ("query", "target")
@@ -50,12 +50,6 @@ def contrastive_loss(q: jax.Array, t: jax.Array, batch: dict[str, Any], cfg: Los
     total = total + cfg.triplet_weight * tloss
     metrics = {**metrics, **tmetrics}
   return total, {**metrics, "total_loss": total}
-
-
-@functools.lru_cache(maxsize=32)
-def batch_geometry(vision_cfg, grid: tuple[int, int, int], images: int) -> dict[str, np.ndarray]:
-  """Vision geometry of `images` images of one grid (host numpy, cached: one per bucket and call size)."""
-  return vision_geometry(np.asarray([grid] * images, np.int64), vision_cfg)
 
 
 def host_batch(model_cfg, batch: dict[str, np.ndarray], *, images_per_call: int

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from recall_jax import faults, parallel
@@ -61,17 +61,6 @@ def gradcache_chunks(train_cfg: ConfigDict) -> int:
     raise ValueError(f"config train.global_batch_size {t.global_batch_size} is not a multiple of train.chunk_size "
                      f"{t.chunk_size}")
   return num_chunks
-
-
-def _replicate(tree, mesh: Optional[Mesh]):
-  return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, P()))
-
-
-def place_by_rules(tree, mesh: Mesh, rules) -> Any:
-  """Puts every array of `tree` on `mesh` with the PartitionSpec of the first matching regex rule (parameter paths
-  as "language_model/layers/0/self_attn/q_proj/kernel"); unmatched arrays are replicated. Arrays already placed that
-  way (e.g. loaded straight onto their sharding) are not copied."""
-  return jax.tree.map(jax.device_put, tree, parallel.tree_shardings(tree, mesh, rules))
 
 
 def _abstract(tree):
@@ -135,19 +124,19 @@ def train(cfg: ConfigDict, model, tokenizer, queries: Sequence[Query], *, datase
   num_chunks = gradcache_chunks(t)
   ds = pipeline.train_dataset(queries, dataset=dataset, load=load, tokenizer=tokenizer, cfg=encode_cfg,
                               global_batch_size=t.global_batch_size, seed=cfg.seed, grouped=grouped)
-  local_batch = t.global_batch_size // jax.process_count()
 
   def host_batch(batch):
-    return step_lib.host_batch(model.cfg, batch, images_per_call=local_batch // num_chunks)
+    # The vision geometry is global (replicated): one model call embeds a chunk of the global batch.
+    return step_lib.host_batch(model.cfg, batch, images_per_call=t.global_batch_size // num_chunks)
 
   objective = Objective(
       trainable=nnx.LoRAParam, dataset=ds, host_batch=host_batch,
       make_step=lambda graphdef, tx: step_lib.make_train_step(graphdef, tx, loss, num_chunks=num_chunks))
   result = fit(model, objective, loop=loop, optim=settings.optimizer(cfg.optim), seed=cfg.seed, out_dir=out_dir,
-               eval_fn=eval_fn, mesh=mesh or parallel.make_mesh(tuple(cfg.mesh.shape)), stop_after=stop_after,
+               eval_fn=eval_fn, mesh=mesh or parallel.mesh_from_config(cfg), stop_after=stop_after,
                sharding_rules=parallel.rules_from_config(cfg))
   adapter_dir = os.path.join(out_dir, "adapters")
-  if result.steps == loop.steps and jax.process_index() == 0:
+  if result.steps == loop.steps and parallel.is_writer():
     # The base: the checkpoint the model was loaded from (the stages load common.foundation_checkpoint).
     peft_io.export_peft(model, adapter_dir, names=qwen_names.PEFT_NAMES,
                         base_model_name_or_path=getattr(model, "name_or_path", None))
@@ -175,13 +164,13 @@ def fit(model, objective: Objective, *, loop: LoopConfig, optim: OptimConfig, se
   mesh = mesh or parallel.make_mesh((-1, 1, 1))
   model.train()
   graphdef, trained, rng_state, rest = nnx.split(model, objective.trainable, nnx.RngState, ...)
-  frozen = (_replicate(rng_state, mesh), place_by_rules(rest, mesh, sharding_rules))
+  frozen = (parallel.replicate(rng_state, mesh), parallel.place_params(rest, mesh, sharding_rules))
   schedule = optim.schedule(t.steps)  # the rate AdamW applies
   tx = optim.optimizer(t.steps)
   pure = nnx.to_pure_dict(trained)
   # Every leaf (optimizer counters included) on the mesh, so fresh, stepped and restored states share one signature
   # and the step compiles once.
-  state = _replicate(initial_state(pure, tx, seed), mesh)
+  state = parallel.replicate(initial_state(pure, tx, seed), mesh)
   iterator = pipeline.make_iterator(objective.dataset, num_threads=t.data_threads, prefetch=2,
                                     num_workers=t.data_workers)
 
@@ -197,7 +186,7 @@ def fit(model, objective: Objective, *, loop: LoopConfig, optim: OptimConfig, se
     log.info("[train] resumed from step %d (%s)", start, ckpt.latest_step())
 
   train_step = objective.make_step(graphdef, tx)
-  writer = MetricWriter(out_dir, is_primary=jax.process_index() == 0)
+  writer = MetricWriter(out_dir, is_primary=parallel.is_writer())
   progress = Progress(t.steps)
   progress.start(start)
   interval = None  # clu metrics of the current logging interval, accumulated on device
@@ -208,8 +197,7 @@ def fit(model, objective: Objective, *, loop: LoopConfig, optim: OptimConfig, se
       for step in range(start, t.steps):
         batch = next(iterator)
         arrays, geometry = objective.host_batch(batch)
-        arrays = jax.tree.map(lambda x: jax.make_array_from_process_local_data(
-            parallel.batch_sharding(mesh, x.ndim), x), arrays)
+        arrays = parallel.host_to_global(arrays, mesh)  # this process's slice of the global batch
         # settle: a no-op but on multi-device CPU, where queued collective programs can deadlock.
         state, metrics = parallel.settle(train_step(state, frozen, arrays, geometry))
         faults.point("train.step")

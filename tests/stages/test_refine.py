@@ -57,7 +57,7 @@ def trained(monkeypatch, tmp_path):
   monkeypatch.setattr(common, "load_base_model", lambda *a, **k: (None, None))
   monkeypatch.setattr(refine.peft_io, "import_peft", lambda model, path, names: None)
 
-  def train_on(cfg, workdir, out, queries, images, *, grouped, model=None, tokenizer=None, loop, loss):
+  def train_on(cfg, workdir, out, queries, images, *, grouped, model=None, tokenizer=None, mesh=None, loop, loss):
     calls.append({"loop": loop, "loss": loss, "queries": list(queries), "grouped": grouped})
     return {"adapter_dir": os.path.join(out, "adapters")}
 

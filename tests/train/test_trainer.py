@@ -69,7 +69,7 @@ def test_resume_after_interruption_equals_uninterrupted(fashioniq_train, tmp_pat
 
 def test_place_by_rules_shards_matching_params_and_replicates_the_rest():
   model = qwen2_5_vl.Qwen25VLModel(qwen2_5_vl.tiny_config(), rngs=nnx.Rngs(0))
-  placed = trainer.place_by_rules(nnx.state(model, nnx.Param), parallel.make_mesh((4, 2, 1)),
+  placed = parallel.place_params(nnx.state(model, nnx.Param), parallel.make_mesh((4, 2, 1)),
                                   [(r"embed_tokens", ("fsdp", None))])
   flat = {"/".join(map(str, k)): v for k, v in nnx.to_flat_state(placed)}
   assert flat["language_model/embed_tokens/embedding"].sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
@@ -87,7 +87,7 @@ def _grads(model, cfg, batch, *, num_chunks=1, mesh=None, rules=()):
   mesh = mesh or parallel.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   model.train()
   graphdef, trained, rng_state, rest = nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
-  frozen = (jax.device_put(rng_state, NamedSharding(mesh, P())), trainer.place_by_rules(rest, mesh, rules))
+  frozen = (jax.device_put(rng_state, NamedSharding(mesh, P())), parallel.place_params(rest, mesh, rules))
   assert not rules or sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(frozen[1])) > 10
   adapters = jax.device_put(nnx.to_pure_dict(trained), NamedSharding(mesh, P()))
   arrays, geometry = step_lib.host_batch(model.cfg, batch, images_per_call=len(batch["valid"]) // num_chunks)

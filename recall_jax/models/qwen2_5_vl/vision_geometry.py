@@ -13,6 +13,8 @@ Conventions follow transformers' `vision_utils.get_vision_position_ids`, `get_vi
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from recall_jax.models.qwen2_5_vl.config import VisionConfig
@@ -121,3 +123,9 @@ def vision_geometry(image_grid_thw: np.ndarray, cfg: VisionConfig) -> dict[str, 
   geometry.update({f"window_{k}": v for k, v in windows.items()})
   geometry.update({f"full_{k}": v for k, v in full.items()})
   return geometry
+
+
+@functools.lru_cache(maxsize=32)
+def batch_geometry(vision_cfg: VisionConfig, grid: tuple[int, int, int], images: int) -> dict[str, np.ndarray]:
+  """Vision geometry of `images` images of one grid (host numpy, cached: one per bucket and call size)."""
+  return vision_geometry(np.asarray([grid] * images, np.int64), vision_cfg)
