@@ -19,7 +19,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from recall_jax import config_check, parallel
+from recall_jax import config_check, files, parallel
 from recall_jax.stages import artifacts, data_source, fingerprint
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py).")
@@ -91,12 +91,12 @@ def run(cfg, workdir: str, stages: list[str], on_change: str = "refuse") -> dict
       artifacts.check_stage(workdir, "prepare", provenance(cfg, workdir, "prepare"))))
   if reads_data and not prepare_runs:
     data_source.require_built(cfg, workdir)
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)  # a local folder or a bucket path (gs://...): files.py owns the difference
   config = json.loads(cfg.to_json_best_effort())
   artifacts.atomic_write_json(os.path.join(workdir, "config.json"), config)  # the latest; the history below
-  with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
-    f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": stages, "on_change": on_change,
-                        "config": config}, sort_keys=True, default=str) + "\n")
+  files.append_text(os.path.join(workdir, "config_history.jsonl"), json.dumps(
+      {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": stages, "on_change": on_change, "config": config},
+      sort_keys=True, default=str) + "\n")
   out = {}
   for stage in stages:
     # Provenance is taken when the stage starts: upstream stages rerun just before count with their new run ids.

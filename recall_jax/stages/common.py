@@ -7,6 +7,7 @@ import os
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
+from recall_jax import files
 from recall_jax.data import pipeline
 from recall_jax.data.image import ImageBuckets
 from recall_jax.data.records import CIRSplit
@@ -21,7 +22,6 @@ def load_base_model(cfg: ConfigDict, workdir: str, checkpoint: str | None = None
   """(model, tokenizer) from the base checkpoint (`foundation_checkpoint`: teach's when it has finished, else the
   configured or prepare's tiny one), or from `checkpoint` when given. With a mesh, every tensor is read once and
   placed straight onto its sharding (config sharding.rules; replicated by default)."""
-  from transformers import AutoTokenizer
   if cfg.model.dtype not in DTYPES:
     raise ValueError(f"config model.dtype must be one of {sorted(DTYPES)}, got {cfg.model.dtype!r}")
   path = checkpoint or foundation_checkpoint(cfg, workdir)
@@ -29,7 +29,21 @@ def load_base_model(cfg: ConfigDict, workdir: str, checkpoint: str | None = None
   model = qwen2_5_vl.from_pretrained(path, dtype=DTYPES[cfg.model.dtype], mesh=mesh,
                                      shardings=(parallel.rules_from_config(cfg) or None) if mesh is not None else None,
                                      position_mode=cfg.model.position_mode)
-  return model, AutoTokenizer.from_pretrained(path)
+  return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: str):
+  """The checkpoint's tokenizer (transformers AutoTokenizer); from a bucket its files are read through a local
+  copy (without the weights)."""
+  from transformers import AutoTokenizer
+  with files.local_view(path, skip_suffixes=(".safetensors",)) as local:
+    return AutoTokenizer.from_pretrained(local)
+
+
+def save_tokenizer(tokenizer, path: str) -> None:
+  """tokenizer.save_pretrained(path); into a bucket through a local folder."""
+  with files.local_output(path) as local:
+    tokenizer.save_pretrained(local)
 
 
 def training_mesh(cfg: ConfigDict):
