@@ -134,6 +134,50 @@ def append_text(p: str | os.PathLike, text: str) -> None:
     os.fsync(f.fileno())
 
 
+class Appender:
+  """A text file kept open for appending (created if absent). Locally a plain file in append mode: `flush` hands
+  the writes to the OS, `sync` also fsyncs. In a bucket an object cannot be appended to: the text is kept, and
+  `flush` / `sync` / `close` upload the whole object (old content + everything written) in one go."""
+
+  def __init__(self, p: str | os.PathLike):
+    self.path, self.remote = os.fspath(p), is_remote(p)
+    if self.remote:
+      self._text, self._dirty = (read_text(self.path) if exists(self.path) else ""), False
+    else:
+      os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+      self._file = open(self.path, "a")
+
+  def write(self, text: str) -> None:
+    if self.remote:
+      self._text, self._dirty = self._text + text, True
+    else:
+      self._file.write(text)
+
+  def flush(self) -> None:
+    if not self.remote:
+      self._file.flush()
+    elif self._dirty:
+      atomic_write_text(self.path, self._text)
+      self._dirty = False
+
+  def sync(self) -> None:
+    self.flush()
+    if not self.remote:
+      os.fsync(self._file.fileno())
+
+  def close(self) -> None:
+    if self.remote:
+      self.flush()
+    else:
+      self._file.close()
+
+  def __enter__(self) -> "Appender":
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
+
 def remove(p: str | os.PathLike) -> None:
   path(p).unlink()
 
@@ -152,7 +196,7 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
   """Copies one file between any two filesystems, streamed (a checkpoint shard never sits whole in memory)."""
   if not is_remote(src) and not is_remote(dst):
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    shutil.copyfile(src, dst)
+    shutil.copy2(src, dst)
     return
   path(dst).parent.mkdir(parents=True, exist_ok=True)
   with path(src).open("rb") as fin, path(dst).open("wb") as fout:

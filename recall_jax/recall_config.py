@@ -65,7 +65,7 @@ class RecallConfig:
 def from_run_config(cfg, stage: str, base_checkpoint: str) -> RecallConfig:
   """What a training stage under `cfg` embeds with (common.encode_config, the model and data sections)."""
   return RecallConfig(
-      base_checkpoint=os.path.abspath(base_checkpoint), dtype=cfg.model.dtype, position_mode=cfg.model.position_mode,
+      base_checkpoint=files.absolute(base_checkpoint), dtype=cfg.model.dtype, position_mode=cfg.model.position_mode,
       dataset=cfg.data.dataset, encode=common.encode_config(cfg), prompts=prompt_templates(cfg.data.dataset),
       protocol=common.protocol(cfg, cfg.data.dataset), categories=tuple(cfg.data.categories),
       image_ext=cfg.data.image_ext, eval_batch_size=int(cfg.eval.batch_size), stage=stage)
@@ -110,17 +110,16 @@ class _Reader:
 def read(adapter_dir: str) -> RecallConfig:
   """The adapters' recall_config.json; a missing file, a missing key or a bad value raises naming file and key."""
   path = os.path.join(adapter_dir, FILENAME)
-  if not os.path.isfile(path):
+  if not files.is_file(path):
     hint = ""
-    if os.path.isfile(os.path.join(adapter_dir, "config.json")):
+    if files.is_file(os.path.join(adapter_dir, "config.json")):
       hint = (f" ({adapter_dir} holds a config.json: is it a base checkpoint? Pass the adapter directory; the base "
               "is named inside its recall_config.json)")
     raise FileNotFoundError(f"{path} is missing: the adapt / refine stages write it beside the adapters with the "
                             f"preprocessing they were trained with{hint}. For adapters without one, load the model "
                             "yourself and build Embedder(model, tokenizer, encode=..., dataset=...)")
   try:
-    with open(path) as f:
-      r = _Reader(path, json.load(f))
+    r = _Reader(path, json.loads(files.read_text(path)))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON: {e}") from e
   if r.get("format", int) != FORMAT:

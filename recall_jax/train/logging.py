@@ -28,9 +28,10 @@ class MetricWriter:
   def __init__(self, workdir: str, *, tensorboard: bool = True, is_primary: bool = True):
     self.is_primary = is_primary
     self._tb = None
-    self._jsonl = os.path.join(workdir, "metrics.jsonl")
+    self._jsonl = None
     if is_primary:
       files.makedirs(workdir)
+      self._jsonl = files.Appender(os.path.join(workdir, "metrics.jsonl"))
       if tensorboard:
         self._tb = TensorBoard(os.path.join(workdir, "tensorboard"))
 
@@ -43,13 +44,16 @@ class MetricWriter:
         self._tb.add_scalar(k, v, step)
     if self._tb is not None and self._tb.remote:  # a local writer flushes on its own schedule
       self._tb.flush()
-    files.append_text(self._jsonl, json.dumps({"step": step, **values}) + "\n")
+    self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    self._jsonl.flush()
     shown = " ".join(f"{k}={v:.4g}" for k, v in values.items())
     log.info("[step %d] %s%s", step, shown, f" | {progress}" if progress else "")
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
 
 
 class TensorBoard:
