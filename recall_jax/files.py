@@ -45,6 +45,13 @@ def normpath(p: str | os.PathLike) -> str:
   return m.group(0) + posixpath.normpath(p[m.end():]) if m else os.path.normpath(p)
 
 
+def relpath(p: str | os.PathLike, start: str | os.PathLike) -> str:
+  """os.path.relpath, also for URLs (`p` under `start`)."""
+  if not is_remote(p):
+    return os.path.relpath(p, start)
+  return posixpath.relpath(normpath(p).split("://", 1)[1], normpath(start).split("://", 1)[1])
+
+
 def real(p: str | os.PathLike) -> str:
   """os.path.realpath for a local path (links resolved); a URL as it is."""
   return os.fspath(p) if is_remote(p) else os.path.realpath(p)
@@ -212,7 +219,7 @@ def copy_tree(src: str | os.PathLike, dst: str | os.PathLike, *, skip_suffixes: 
     return
   makedirs(dst)
   for root, _, names in path(src).walk():
-    rel = os.fspath(root)[len(src.rstrip("/")):].lstrip("/")
+    rel = "" if relpath(root, src) == "." else relpath(root, src)
     for name in names:
       if not (skip_suffixes and name.endswith(skip_suffixes)):
         copy_file(os.path.join(src, rel, name), os.path.join(dst, rel, name))

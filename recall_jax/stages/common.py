@@ -90,7 +90,7 @@ def trained_adapters(cfg: ConfigDict, workdir: str, stage: str) -> str:
   from recall_jax.stages import artifacts
   manifest = artifacts.read_manifest(workdir, stage)
   base, trained_on = foundation_checkpoint(cfg, workdir), manifest.get("base_checkpoint")
-  if trained_on is not None and os.path.abspath(trained_on) != os.path.abspath(base):
+  if trained_on is not None and files.absolute(trained_on) != files.absolute(base):
     raise ValueError(f"the adapters of stage {stage!r} ({manifest['adapter_dir']}) were trained on {trained_on}, "
                      f"but the base checkpoint is now {base}; rerun {stage} (remove its folder) on this base")
   return manifest["adapter_dir"]

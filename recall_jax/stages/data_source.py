@@ -64,7 +64,7 @@ def require_built(cfg: ConfigDict, workdir: str) -> None:
   or a file; nothing with "files"."""
   if data_format(cfg) != "array_record":
     return
-  where = _local_array_record_dir(cfg, workdir)
+  where = paths.array_record_dir(cfg, workdir)
   problems = [p for c in builder_configs(cfg) for p in _builders().built_problems(where, c)]
   if problems:
     raise FileNotFoundError(
@@ -74,23 +74,11 @@ def require_built(cfg: ConfigDict, workdir: str) -> None:
         f"{build_command(cfg, workdir)}")
 
 
-def _local_array_record_dir(cfg: ConfigDict, workdir: str) -> str:
-  """`paths.array_record_dir`, refused in a bucket: ArrayRecord files are read and written through local file APIs
-  only (its C++ reader and writer), so a gs:// folder would fail mid-stage or land in a local ./gs: folder."""
-  where = paths.array_record_dir(cfg, workdir)
-  if files.is_remote(where):
-    key = "data.array_record_dir" if cfg.data.get("array_record_dir") else "--workdir (<workdir>/prepare/array_record)"
-    raise ValueError(f"config data.format = 'array_record' with its files at {where} ({key}): ArrayRecord is read "
-                     "through local file APIs only; put data.array_record_dir on a local disk or a mounted bucket "
-                     "(gcsfuse), or use data.format = 'files', which reads gs:// directly")
-  return where
-
-
 def read_splits(cfg: ConfigDict, workdir: str, split: str) -> list[CIRSplit]:
   """The configured dataset's splits (FashionIQ: one per category), as the readers return them."""
   d = cfg.data
   if data_format(cfg) == "array_record":
-    where = _local_array_record_dir(cfg, workdir)
+    where = paths.array_record_dir(cfg, workdir)
     return [_builders().load_built_split(where, c, split)[0] for c in builder_configs(cfg)]
   root = dataset_root(cfg, workdir)
   if d.dataset == "fashioniq":
@@ -124,7 +112,7 @@ def image_loader(cfg: ConfigDict, workdir: str, splits: Sequence[CIRSplit]) -> p
     for split in splits:
       merged.update(split.images)
     return pipeline.FileImages(merged)
-  where = _local_array_record_dir(cfg, workdir)
+  where = paths.array_record_dir(cfg, workdir)
   configs = {(c.layout, c.category): c for c in builder_configs(cfg)}
   records = []
   for split in splits:
@@ -140,7 +128,7 @@ def write_array_record(cfg: ConfigDict, workdir: str) -> dict:
   """The prepare stage's part with data.format "array_record": builds every config of the configured dataset from
   its published layout (`dataset_root`) into `paths.array_record_dir` (parts already built are kept), then checks
   the result; returns the manifest entry."""
-  where = _local_array_record_dir(cfg, workdir)
+  where = paths.array_record_dir(cfg, workdir)
   if not cfg.data.root and not cfg.data.get("array_record_dir") and files.exists(where):
     files.rmtree(where)  # prepare's own copy of a synthetic world that an interrupted run generated again
   root = dataset_root(cfg, workdir)

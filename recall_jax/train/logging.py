@@ -91,8 +91,7 @@ def log_pictures(stage_dir: str, *, step: int = 0) -> list[str]:
   names = []
   for root, dirs, found in files.path(stage_dir).walk():
     dirs[:] = sorted(d for d in dirs if d not in _NOT_PICTURES)
-    rel = os.fspath(root)[len(stage_dir.rstrip("/")):].lstrip("/")
-    names += sorted(os.path.join(rel, f) for f in found if f.endswith(".png"))
+    names += sorted(files.relpath(root / f, stage_dir) for f in found if f.endswith(".png"))
   if names and jax.process_index() == 0:
     tb = TensorBoard(os.path.join(stage_dir, "tensorboard"))
     try:
