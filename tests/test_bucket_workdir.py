@@ -16,10 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils.epath import testing as epath_testing
+from flax import nnx
 from orbax.checkpoint._src.path import gcs_utils
 
 from configs import tiny
 from recall_jax import files, main
+from recall_jax.models import lora, peft_io
 from recall_jax.train.checkpoint import Checkpoints
 from recall_jax.train.logging import MetricWriter
 
@@ -135,3 +137,47 @@ def test_training_checkpoints_and_metrics_in_a_bucket(tmp_path, monkeypatch):
     assert len(events) == 1 and events[0].startswith("events.out.tfevents")
     assert os.path.getsize(os.path.join(local(f"{BUCKET}/adapt/tensorboard"), events[0])) > 0
     assert not os.path.exists(tmp_path / "gs:")
+
+
+class _Tiny(nnx.Module):
+
+  def __init__(self, seed: int):
+    self.proj = nnx.Linear(4, 4, rngs=nnx.Rngs(seed))
+
+
+def test_peft_adapters_round_trip_through_a_bucket(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with fake_gcs(str(tmp_path / "gcs")) as local:
+    model = _Tiny(0)
+    lora.apply_lora(model, "proj", rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+    model.proj.lora_b.set_value(jax.random.normal(jax.random.key(2), (2, 4)))  # trained: B != 0
+    peft_io.export_peft(model, f"{BUCKET}/adapt/adapters", names=peft_io.IDENTITY_NAMES, base_model_name_or_path="b")
+    assert sorted(os.listdir(local(f"{BUCKET}/adapt/adapters"))) == [peft_io.ADAPTER_CONFIG, peft_io.ADAPTER_WEIGHTS]
+    fresh = _Tiny(0)
+    assert peft_io.import_peft(fresh, f"{BUCKET}/adapt/adapters", names=peft_io.IDENTITY_NAMES) == ["proj"]
+    x = jnp.ones((2, 4))
+    np.testing.assert_array_equal(np.asarray(fresh.proj(x)), np.asarray(model.proj(x)))
+    assert not np.allclose(np.asarray(fresh.proj(x)), np.asarray(_Tiny(0).proj(x)))  # the adapters came back
+    assert not os.path.exists(tmp_path / "gs:")
+
+
+def test_files_write_whole_objects_in_a_bucket_and_atomically_on_disk(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with fake_gcs(str(tmp_path / "gcs")) as local:
+    with mock.patch.object(os, "replace", side_effect=AssertionError("a rename in a bucket")):
+      files.atomic_write_json(f"{BUCKET}/a/b.json", {"x": 1})  # one upload, no temp object renamed into place
+      with files.Appender(f"{BUCKET}/log.jsonl") as f:
+        f.write("1\n")
+        f.flush()
+        assert open(local(f"{BUCKET}/log.jsonl")).read() == "1\n"
+        f.write("2\n")
+      files.append_text(f"{BUCKET}/log.jsonl", "3\n")
+    assert json.load(open(local(f"{BUCKET}/a/b.json"))) == {"x": 1}
+    assert files.read_text(f"{BUCKET}/log.jsonl") == "1\n2\n3\n"
+    assert sorted(os.listdir(local(f"{BUCKET}/a"))) == ["b.json"]
+    # Locally: temp file + rename, nothing left beside the file.
+    files.atomic_write_text("d/c.txt", "hi")
+    assert os.listdir(tmp_path / "d") == ["c.txt"] and (tmp_path / "d" / "c.txt").read_text() == "hi"
+    assert not os.path.exists(tmp_path / "gs:")
+  assert files.absolute(BUCKET) == BUCKET and files.absolute("x") == str(tmp_path / "x")
+  assert files.normpath("gs://b/./x/../y") == "gs://b/y" and files.relpath("gs://b/x/y.png", "gs://b/") == "x/y.png"
