@@ -194,9 +194,14 @@ def rmtree(p: str | os.PathLike) -> None:
 
 
 def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-  """Moves a file or folder (within one bucket a folder move copies each object, then deletes it)."""
-  makedirs(os.path.dirname(os.fspath(dst)))
-  path(src).replace(dst)
+  """Moves a file or folder (a link moves as the link). A bucket has no folders to rename: there every object is
+  copied, then the source deleted (epath's rename would also refuse a destination whose parent holds no object)."""
+  if not is_remote(src) and not is_remote(dst):
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    os.replace(src, dst)
+    return
+  copy_tree(src, dst)
+  rmtree(src)
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -2,7 +2,8 @@
 resumes from the bucket's manifests.
 
 The bucket is faked at the filesystem layer the code goes through: etils.epath's backends (`epath.testing.mock_epath`,
-gs://bucket/x -> <tmp>/bucket/x) and the GCS kvstore Orbax hands to tensorstore (a file kvstore at the same place).
+gs://bucket/x -> <tmp>/bucket/x; like a bucket, no renames and no folders needed) and the GCS kvstore Orbax hands
+to tensorstore (a file kvstore at the same place).
 Code that bypassed epath (os.makedirs, open, os.path.abspath on the workdir) would write under the working
 directory's gs: folder instead, which the test forbids."""
 
@@ -22,6 +23,7 @@ from orbax.checkpoint._src.path import gcs_utils
 from configs import tiny
 from recall_jax import files, main
 from recall_jax.models import lora, peft_io
+from recall_jax.stages import artifacts
 from recall_jax.train.checkpoint import Checkpoints
 from recall_jax.train.logging import MetricWriter
 
@@ -46,6 +48,11 @@ def fake_gcs(root: str):
   def two(fn, a, b, *args, **kwargs):
     return fn(local(a), local(b), *args, **kwargs)
 
+  def no_rename(fn, a, b):  # a bucket renames nothing: objects are copied and deleted
+    if any(os.fspath(p).startswith("gs://") for p in (a, b)):
+      raise OSError(f"rename {a} -> {b}: not in a bucket")
+    return fn(a, b)
+
   def open_(fn, p, mode):
     if mode[0] in "wa":  # a bucket has no folders: an object can be written under any prefix
       os.makedirs(os.path.dirname(local(p)), exist_ok=True)
@@ -62,7 +69,7 @@ def fake_gcs(root: str):
     return {"driver": "file", "path": local(path)}
 
   with epath_testing.mock_epath(open=open_, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one, remove=one,
-                                rmtree=one, stat=one, rename=two, replace=two, copy=two, glob=glob, walk=walk), \
+                                rmtree=one, stat=one, rename=no_rename, replace=no_rename, copy=two, glob=glob, walk=walk), \
       mock.patch.object(gcs_utils, "get_kvstore_for_gcs", kvstore), \
       mock.patch.object(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False):
     yield local
@@ -104,6 +111,27 @@ def test_main_job_in_a_bucket_writes_there_and_resumes(tmp_path, monkeypatch):
     assert {s: m["run_id"] for s, m in again.items()} == {s: m["run_id"] for s, m in out.items()}
     assert len(files.read_text(f"{BUCKET}/config_history.jsonl").splitlines()) == 2
     assert os.listdir(cwd) == []
+
+
+def test_a_stale_stage_in_a_bucket_moves_to_superseded(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+
+  def fn(out):
+    files.atomic_write_text(os.path.join(out, "part.txt"), "x")
+    return {"outputs": {}}
+
+  with fake_gcs(str(tmp_path / "gcs")) as local:
+    a = artifacts.provenance(BUCKET, "calibrate", {"calibrate.vqa_threshold": 0.95}, [])
+    b = artifacts.provenance(BUCKET, "calibrate", {"calibrate.vqa_threshold": 0.5}, [])
+    first = artifacts.run_stage(BUCKET, "calibrate", fn, log=lambda m: None, current=a)
+    second = artifacts.run_stage(BUCKET, "calibrate", fn, log=lambda m: None, current=b, on_change="rerun")
+    assert second["run_id"] != first["run_id"]
+    (old,) = os.listdir(local(f"{BUCKET}/{artifacts.SUPERSEDED}"))
+    moved = artifacts.read_manifest(f"{BUCKET}/{artifacts.SUPERSEDED}", old)
+    assert moved["run_id"] == first["run_id"]
+    assert sorted(os.listdir(local(f"{BUCKET}/{artifacts.SUPERSEDED}/{old}"))) == ["manifest.json", "part.txt",
+                                                                                  "started.json"]
+    assert not os.path.exists(tmp_path / "gs:")
 
 
 def test_training_checkpoints_and_metrics_in_a_bucket(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """Metric writing without TensorFlow: console lines (with recall_jax.progress's steps/s and ETA), TensorBoard events via
 tensorboardX, and a JSONL file, all from one `write` call at logging intervals (the only host syncs of the loop).
 
-tensorboardX writes gs:// only through google-cloud-storage (and no other scheme through etils.epath), so for a
-bucket logdir the events go to a local folder that is copied to the bucket at every write and at close."""
+tensorboardX reaches buckets only through clients of its own (google-cloud-storage, boto3), not through etils.epath,
+so for a bucket logdir the events go to a local folder that is copied to the bucket at every write and at close."""
 
 from __future__ import annotations
 

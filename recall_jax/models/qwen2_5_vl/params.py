@@ -34,8 +34,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.typing import DTypeLike
 
 from recall_jax import parallel
-from recall_jax.files import local_output, local_view
 from recall_jax.data import image
+from recall_jax.files import local_output, local_view
 from recall_jax.models.qwen2_5_vl import names
 from recall_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from recall_jax.models.qwen2_5_vl.model import Qwen25VLModel
