@@ -57,6 +57,16 @@ def real(p: str | os.PathLike) -> str:
   return os.fspath(p) if is_remote(p) else os.path.realpath(p)
 
 
+def require_reachable(p: str | os.PathLike, what: str) -> None:
+  """Touches `p`'s filesystem once, so that a bucket path whose client is not installed fails before any work,
+  naming the flag or config key `what` that gave it."""
+  try:
+    exists(p)
+  except ImportError as e:
+    raise ImportError(f"{what} = {os.fspath(p)}: {e}. A gs:// path needs `pip install gcsfs` (which brings "
+                      "google-cloud-storage, which Orbax uses too); s3:// needs s3fs") from e
+
+
 def exists(p: str | os.PathLike) -> bool:
   return path(p).exists()
 

@@ -16,6 +16,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from etils.epath import testing as epath_testing
 from flax import nnx
 from orbax.checkpoint._src.path import gcs_utils
@@ -209,3 +210,15 @@ def test_files_write_whole_objects_in_a_bucket_and_atomically_on_disk(tmp_path, 
     assert not os.path.exists(tmp_path / "gs:")
   assert files.absolute(BUCKET) == BUCKET and files.absolute("x") == str(tmp_path / "x")
   assert files.normpath("gs://b/./x/../y") == "gs://b/y" and files.relpath("gs://b/x/y.png", "gs://b/") == "x/y.png"
+
+
+def test_a_bucket_without_its_client_is_named_before_any_work(tmp_path, monkeypatch):
+  try:
+    import gcsfs  # noqa: F401
+    pytest.skip("gcsfs is installed: the real bucket would be asked")
+  except ImportError:
+    pass
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ImportError, match=r"--workdir = gs://bucket/runs/x: .*pip install gcsfs"):
+    main.run(_config(), BUCKET, STAGES)
+  assert os.listdir(tmp_path) == []
