@@ -37,9 +37,10 @@ def file_digest(path: str) -> str:
 
 def file_stamp(path: str) -> list:
   """[absolute path, size, mtime_ns]: what changes when a file is rewritten, without reading it. An object in a
-  bucket may report no mtime through epath, so there its contents' digest stands in."""
+  bucket has its mtime in seconds; where its filesystem reports none (0), its contents' digest stands in."""
   if files.is_remote(path):
-    return [path, files.path(path).stat().length, file_digest(path)]
+    st = files.path(path).stat()
+    return [path, st.length, st.mtime or file_digest(path)]
   st = os.stat(path)
   return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
