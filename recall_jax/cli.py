@@ -14,6 +14,7 @@ with argparse. Results go to stdout, progress lines to stderr.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -43,11 +44,12 @@ def _splits(rc, dataset_root: str, split: str, category: Optional[str]):
 
 def _folder_images(folder: str) -> tuple[list[str], list[str]]:
   """(ids, paths) of the images under `folder`, sorted; an id is the path relative to it without its extension."""
-  paths = sorted(os.path.join(d, f) for d, _, names in os.walk(folder) for f in names
-                 if f.lower().endswith(IMAGE_EXTS))
+  from recall_jax import files
+  root = files.path(folder)  # a local folder or a bucket path
+  paths = sorted(os.fspath(d / f) for d, _, names in root.walk() for f in names if f.lower().endswith(IMAGE_EXTS))
   if not paths:
     raise SystemExit(f"--images {folder}: no {'/'.join(IMAGE_EXTS)} files")
-  return [os.path.splitext(os.path.relpath(p, folder))[0] for p in paths], paths
+  return [os.path.splitext(files.relpath(p, root))[0] for p in paths], paths
 
 
 def _model_key(embedder) -> str:
@@ -71,16 +73,19 @@ def encode(args) -> None:
     source = f"{args.data_root} {args.split}"
   embedder = _embedder(args)
   emb = embedder.embed_targets(paths, cache_dir=args.cache_dir)
-  np.savez(args.out, embeddings=emb, ids=np.asarray(ids), paths=np.asarray(paths),
-           model=np.asarray(_model_key(embedder)))
+  from recall_jax import files
+  buf = io.BytesIO()
+  np.savez(buf, embeddings=emb, ids=np.asarray(ids), paths=np.asarray(paths), model=np.asarray(_model_key(embedder)))
+  files.atomic_write_bytes(args.out, buf.getvalue())
   print(f"encoded {len(ids)} images from {source}: embeddings {emb.shape[0]} x {emb.shape[1]} -> {args.out}")
 
 
 def search(args) -> None:
   if len(args.reference) != len(args.text):
     raise SystemExit(f"search: {len(args.reference)} --reference but {len(args.text)} --text (one of each a query)")
+  from recall_jax import files
   embedder = _embedder(args)
-  with np.load(args.gallery) as g:
+  with np.load(io.BytesIO(files.read_bytes(args.gallery))) as g:
     gallery, ids, model = g["embeddings"], g["ids"], str(g["model"])
   if model != _model_key(embedder):
     raise SystemExit(f"{args.gallery} was encoded by another model or preprocessing (key {model}, these adapters "
@@ -94,7 +99,7 @@ def search(args) -> None:
 
 
 def evaluate(args) -> None:
-  from recall_jax import recall_config
+  from recall_jax import files, recall_config
   from recall_jax.eval import metrics, results, retrieval
   rc = recall_config.read(args.adapters)
   embedder = _embedder(args)
@@ -112,7 +117,7 @@ def evaluate(args) -> None:
     print("fashioniq average: " + " ".join(f"{k}={v:.2f}" for k, v in summary["fashioniq_average"].items()))
   if args.out:
     results.write_results(args.out, metrics=summary, protocol=rc.protocol, config=rc.to_dict(),
-                          checkpoint=os.path.abspath(args.adapters))
+                          checkpoint=files.absolute(args.adapters))
     print(f"results -> {args.out}")
 
 

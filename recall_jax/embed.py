@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from recall_jax import parallel, recall_config
+from recall_jax import files, parallel, recall_config
 from recall_jax.data import pipeline, prompts
 from recall_jax.data.image import load_image
 from recall_jax.data.records import CIRSplit, Query
@@ -82,8 +82,6 @@ class Embedder:
     (recall_config.json beside them; a missing file raises naming it). A keyword given here overrides the file:
     checkpoint (the base, e.g. moved), dtype ("float32" / "bfloat16"), position_mode, dataset, encode, batch_size
     (default: the run's eval batch size)."""
-    from transformers import AutoTokenizer
-
     from recall_jax.models import lora, peft_io, qwen2_5_vl
     from recall_jax.models.qwen2_5_vl import names as qwen_names
     from recall_jax.models.dtypes import DTYPES
@@ -93,7 +91,7 @@ class Embedder:
     position_mode = position_mode or rc.position_mode
     if dtype not in DTYPES:
       raise ValueError(f"Embedder.from_pretrained dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
+    if not files.is_file(os.path.join(checkpoint, "config.json")):
       raise FileNotFoundError(f"base checkpoint {checkpoint} (base_checkpoint of "
                               f"{os.path.join(adapter_dir, recall_config.FILENAME)}) has no config.json: pass "
                               "checkpoint= where the base now is")
@@ -101,12 +99,12 @@ class Embedder:
     peft_io.import_peft(model, adapter_dir, names=qwen_names.PEFT_NAMES)
     lora.merge_lora(model)
     identity = {
-        "checkpoint": [embedding_cache.file_stamp(os.path.join(checkpoint, f)) for f in sorted(os.listdir(checkpoint))
-                       if os.path.isfile(os.path.join(checkpoint, f))],
+        "checkpoint": [embedding_cache.file_stamp(os.path.join(checkpoint, f)) for f in files.listdir(checkpoint)
+                       if files.is_file(os.path.join(checkpoint, f))],
         "adapters": {f: embedding_cache.file_digest(os.path.join(adapter_dir, f)) for f in
                      (peft_io.ADAPTER_CONFIG, peft_io.ADAPTER_WEIGHTS)},
         "dtype": dtype, "position_mode": position_mode}
-    return cls(model, AutoTokenizer.from_pretrained(checkpoint), encode=encode or rc.encode,
+    return cls(model, common.load_tokenizer(checkpoint), encode=encode or rc.encode,
                dataset=dataset or rc.dataset, batch_size=batch_size or rc.eval_batch_size, mesh=mesh,
                identity=identity)
 

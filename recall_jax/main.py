@@ -22,7 +22,7 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from recall_jax import config_check, parallel
+from recall_jax import config_check, files, parallel
 from recall_jax.stages import artifacts, data_source, fingerprint
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py).")
@@ -76,6 +76,10 @@ def run(cfg, workdir: str, stages: list[str], on_change: str = "refuse", mesh=No
     raise ValueError(f"--on_change must be one of {artifacts.ON_CHANGE}, got {on_change!r}")
   fns = _stage_fns()
   config_check.validate(cfg, list(stages))  # every value checked before any stage runs
+  for what, where in (("--workdir", workdir), ("config data.root", cfg.data.root),
+                      ("config model.checkpoint", cfg.model.checkpoint)):
+    if where and files.is_remote(where):
+      files.require_reachable(where, what)
   stages = artifacts.expand_stages(list(stages), cfg.rounds)
   mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
   calls = {name: _stage_call(fns, cfg, workdir, name, mesh) for name in stages}  # every name checked before any runs
@@ -101,13 +105,12 @@ def run(cfg, workdir: str, stages: list[str], on_change: str = "refuse", mesh=No
       artifacts.check_stage(workdir, "prepare", provenance(cfg, workdir, "prepare"))))
   if reads_data and not prepare_runs:
     data_source.require_built(cfg, workdir)
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)  # a local folder or a bucket path (gs://...): files.py owns the difference
   config = json.loads(cfg.to_json_best_effort())
   artifacts.atomic_write_json(os.path.join(workdir, "config.json"), config)  # the latest; the history below
-  if parallel.is_writer():
-    with open(os.path.join(workdir, "config_history.jsonl"), "a") as f:
-      f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": stages, "on_change": on_change,
-                          "config": config}, sort_keys=True, default=str) + "\n")
+  files.append_text(os.path.join(workdir, "config_history.jsonl"), json.dumps(
+      {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": stages, "on_change": on_change, "config": config},
+      sort_keys=True, default=str) + "\n")  # files.py: by the writing process only
   out = {}
   for stage in stages:
     # Provenance is taken when the stage starts: upstream stages rerun just before count with their new run ids.

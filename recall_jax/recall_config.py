@@ -101,17 +101,16 @@ class _Reader:
 def read(adapter_dir: str) -> RecallConfig:
   """The adapters' recall_config.json; a missing file, a missing key or a bad value raises naming file and key."""
   path = os.path.join(adapter_dir, FILENAME)
-  if not os.path.isfile(path):
+  if not files.is_file(path):
     hint = ""
-    if os.path.isfile(os.path.join(adapter_dir, "config.json")):
+    if files.is_file(os.path.join(adapter_dir, "config.json")):
       hint = (f" ({adapter_dir} holds a config.json: is it a base checkpoint? Pass the adapter directory; the base "
               "is named inside its recall_config.json)")
     raise FileNotFoundError(f"{path} is missing: the adapt / refine stages write it beside the adapters with the "
                             f"preprocessing they were trained with{hint}. For adapters without one, load the model "
                             "yourself and build Embedder(model, tokenizer, encode=..., dataset=...)")
   try:
-    with open(path) as f:
-      r = _Reader(path, json.load(f))
+    r = _Reader(path, json.loads(files.read_text(path)))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON: {e}") from e
   if r.get("format", int) != FORMAT:

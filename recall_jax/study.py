@@ -139,6 +139,9 @@ class Study:
       raise ValueError(f"config study.rows must be a non-empty subset of {list(ROWS)}, got {list(s.rows)}")
     if not s.seeds or len(set(s.seeds)) != len(s.seeds):
       raise ValueError(f"config study.seeds must be distinct training seeds, got {list(s.seeds)}")
+    if files.is_remote(workdir):  # the rows share stages by symbolic links, which a bucket does not have
+      raise ValueError(f"study --workdir {workdir}: must be a local folder (rows link the stages they share); a "
+                       "single run (recall_jax.main) may use a bucket workdir")
     self.cfg, self.workdir = cfg, os.path.abspath(workdir)
     self.run_fn = run_fn or main.run
     self.shared = os.path.join(self.workdir, "shared")

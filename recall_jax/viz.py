@@ -3,13 +3,13 @@ report's charts (grouped bars, tables) composed into one PNG. PIL only."""
 
 from __future__ import annotations
 
-import os
+import io
 import textwrap
 from typing import Callable, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from recall_jax import parallel
+from recall_jax import files
 
 GREEN, RED, GREY = (40, 170, 60), (210, 50, 50), (150, 150, 150)
 # Bar colours of the report's series, in order (baseline first): grey-blue, then warm colours for refined rounds.
@@ -86,15 +86,11 @@ def contact_sheet_rows(
 
 
 def save_png(img: Image.Image, path: str) -> str:
-  """Writes `img` atomically (a crash never leaves half a picture), on the writing process only; returns the
-  path."""
-  if not parallel.is_writer():
-    return path
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.png"
-  img.save(tmp)
-  os.replace(tmp, path)
-  return path
+  """Writes `img` atomically (a crash never leaves half a picture), on the writing process only (files.py);
+  returns the path."""
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  return files.atomic_write_bytes(path, buf.getvalue())
 
 
 def retrieval_sheet(

@@ -10,7 +10,8 @@ import recall_jax
 # Lowest first. A unit may import units of lower layers only (and itself).
 LAYERS = [
     {"progress", "faults", "parallel", "losses"},
-    {"files", "viz"},
+    {"files"},
+    {"viz"},
     {"data"},
     {"models"},
     {"generate", "recall_config", "flops"},

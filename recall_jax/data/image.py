@@ -14,6 +14,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from recall_jax import files
 from recall_jax.data.records import DataError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -29,7 +30,7 @@ ImageLike = Union[Image.Image, np.ndarray]
 def load_image(path: str) -> Image.Image:
   """Reads and fully decodes an image file as RGB; a missing or unreadable file raises DataError naming it."""
   try:
-    with Image.open(path) as image:
+    with files.path(path).open("rb") as f, Image.open(f) as image:  # local, or in a bucket
       image.load()
       return to_rgb(image)
   except (OSError, ValueError, Image.DecompressionBombError) as e:

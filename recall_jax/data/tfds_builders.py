@@ -31,6 +31,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from recall_jax import files
 from recall_jax.data.readers.circo import read_circo
 from recall_jax.data.readers.cirr import read_cirr
 from recall_jax.data.readers.fashioniq import read_fashioniq
@@ -249,8 +250,7 @@ class CirImages(_CIRBuilder):
     for index, name in enumerate(_image_order(split)):
       path = split.images[name]
       try:
-        with open(path, "rb") as f:
-          encoded = f.read()
+        encoded = files.read_bytes(path)  # a local file or an object in a bucket
       except OSError as e:
         raise DataError(f"cannot read image {path!r} (image {name!r} of {split.dataset}/{split.split}): {e}") from e
       yield f"{index:09d}", {

@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import io
 import os
-import tempfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -29,14 +29,18 @@ def digest(obj: Any) -> str:
 
 def file_digest(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
+  with files.path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
 
 
 def file_stamp(path: str) -> list:
-  """[absolute path, size, mtime_ns]: what changes when a file is rewritten, without reading it."""
+  """[absolute path, size, mtime_ns]: what changes when a file is rewritten, without reading it. An object in a
+  bucket has its mtime in seconds; where its filesystem reports none (0), its contents' digest stands in."""
+  if files.is_remote(path):
+    st = files.path(path).stat()
+    return [path, st.length, st.mtime or file_digest(path)]
   st = os.stat(path)
   return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
@@ -58,9 +62,9 @@ def _paths(cache_dir: str, key: str) -> tuple[str, str]:
 def load(cache_dir: str, parts: dict, rows: int) -> Optional[np.ndarray]:
   """The cached embeddings for `parts`, or None; a cached array of the wrong row count is a miss."""
   npy, _ = _paths(cache_dir, digest(parts))
-  if not os.path.isfile(npy):
+  if not files.is_file(npy):
     return None
-  emb = np.load(npy)
+  emb = np.load(io.BytesIO(files.read_bytes(npy)))
   if emb.ndim != 2 or emb.shape[0] != rows:
     log.warning("[cache] %s holds %s embeddings, expected %d rows: embedding again", npy, emb.shape, rows)
     return None
@@ -69,17 +73,11 @@ def load(cache_dir: str, parts: dict, rows: int) -> Optional[np.ndarray]:
 
 
 def store(cache_dir: str, parts: dict, emb: np.ndarray) -> str:
-  """Writes `<key>.npy` (atomically: temp file + rename) and `<key>.json`; returns the .npy path."""
+  """Writes `<key>.npy` and `<key>.json`, each atomically; returns the .npy path."""
   key = digest(parts)
   npy, meta = _paths(cache_dir, key)
-  os.makedirs(cache_dir, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npy", dir=cache_dir)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, np.asarray(emb, np.float32))
-    os.replace(tmp, npy)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  buf = io.BytesIO()
+  np.save(buf, np.asarray(emb, np.float32))
+  files.atomic_write_bytes(npy, buf.getvalue())
   files.atomic_write_json(meta, {"key": key, "rows": int(emb.shape[0]), "parts": parts}, indent=1, sort_keys=True)
   return npy

@@ -31,8 +31,7 @@ def write_results(path: str, *, metrics: Mapping[str, Any], protocol: Mapping[st
 
 def read_results(path: str) -> dict[str, Any]:
   """Reads a results file, checking it has the fields write_results writes."""
-  with open(path) as f:
-    record = json.load(f)
+  record = json.loads(files.read_text(path))
   missing = {"metrics", "protocol", "config", "checkpoint"} - set(record)
   if missing:
     raise ValueError(f"{path}: not a results file, missing {sorted(missing)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from recall_jax import files
 from recall_jax.data import prompts
 
 PLACEHOLDER = "{text}"
@@ -34,12 +35,11 @@ def resolve_dir(prompt_dir: str = "") -> str:
 def load_template(name: str, prompt_dir: str = "") -> str:
   """The text of `<resolve_dir(prompt_dir)>/<name>.txt`, checked to hold `{text}` exactly once."""
   path = os.path.join(resolve_dir(prompt_dir), f"{name}.txt")
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise FileNotFoundError(f"prompt template {path} does not exist (config calibrate.prompt_dir="
                             f"{prompt_dir!r}; expected files: {sorted(REWRITE_TEMPLATES.values())} + "
                             f"{[VERIFY_TEMPLATE, VERIFY_INTENT_TEMPLATE]} with the .txt suffix)")
-  with open(path, encoding="utf-8") as f:
-    template = f.read().strip()
+  template = files.read_text(path).strip()
   if template.count(PLACEHOLDER) != 1:
     raise ValueError(f"prompt template {path} must contain the placeholder {PLACEHOLDER} exactly once, found "
                      f"{template.count(PLACEHOLDER)}")

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import safetensors.flax
 from flax import nnx
 
+from recall_jax import files
 from recall_jax.models.lora import LoRALinear, apply_lora, lora_modules
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -79,10 +80,9 @@ def export_peft(model: nnx.Module, out_dir: str, *, names: PeftNames, base_model
       # Exact module names: peft matches list entries by equality (or dotted suffix).
       "target_modules": sorted(hf_names.values()),
   }
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, ADAPTER_CONFIG), "w") as f:
-    json.dump(config, f, indent=2)
-  safetensors.flax.save_file({k: jnp.asarray(v) for k, v in tensors.items()}, os.path.join(out_dir, ADAPTER_WEIGHTS))
+  files.atomic_write_json(os.path.join(out_dir, ADAPTER_CONFIG), config, indent=2)
+  files.atomic_write_bytes(os.path.join(out_dir, ADAPTER_WEIGHTS),
+                           safetensors.flax.save({k: jnp.asarray(v) for k, v in tensors.items()}))
 
 
 # peft config fields that change the model in ways this module does not implement (other LoRA variants, biases,
@@ -112,10 +112,9 @@ def import_peft(model: nnx.Module, adapter_dir: str, *, names: PeftNames,
   config_path = os.path.join(adapter_dir, ADAPTER_CONFIG)
   weights_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
   for p in (config_path, weights_path):
-    if not os.path.isfile(p):
+    if not files.is_file(p):
       raise FileNotFoundError(f"import_peft: missing {p}")
-  with open(config_path) as f:
-    config = json.load(f)
+  config = json.loads(files.read_text(config_path))
   if config.get("peft_type") != "LORA":
     raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not LORA")
   for field, neutral in _UNSUPPORTED.items():
@@ -143,7 +142,7 @@ def import_peft(model: nnx.Module, adapter_dir: str, *, names: PeftNames,
              dropout=config.get("lora_dropout", 0.0), use_dora=bool(config.get("use_dora", False)),
              adapter_dtype=adapter_dtype, rngs=rngs if rngs is not None else nnx.Rngs(0))
 
-  tensors = safetensors.flax.load_file(weights_path)
+  tensors = safetensors.flax.load(files.read_bytes(weights_path))
   # Key -> (module, attribute); file keys may name modules in another layout than to_hf, so resolve them through
   # from_hf.
   modules = lora_modules(model)

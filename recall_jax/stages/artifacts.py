@@ -26,13 +26,12 @@ def write_jsonl(path: str, records: Iterable[dict]) -> str:
 
 def read_jsonl(path: str) -> list[dict]:
   out = []
-  with open(path) as f:
-    for i, line in enumerate(f):
-      if line.strip():
-        try:
-          out.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e})") from e
+  for i, line in enumerate(files.read_text(path).splitlines()):
+    if line.strip():
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e})") from e
   return out
 
 
@@ -91,15 +90,14 @@ def stage_dir(workdir: str, stage: str) -> str:
 
 
 def is_done(workdir: str, stage: str) -> bool:
-  return os.path.exists(os.path.join(stage_dir(workdir, stage), MANIFEST))
+  return files.exists(os.path.join(stage_dir(workdir, stage), MANIFEST))
 
 
 def read_manifest(workdir: str, stage: str) -> dict:
   path = os.path.join(stage_dir(workdir, stage), MANIFEST)
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise FileNotFoundError(f"{path}: stage {stage!r} has not finished (run it first)")
-  with open(path) as f:
-    text = f.read()
+  text = files.read_text(path)
   try:
     manifest = json.loads(text)
   except json.JSONDecodeError as e:
@@ -144,9 +142,8 @@ def check_stage(workdir: str, stage: str, current: dict) -> list[str]:
   if is_done(workdir, stage):
     return stale_reasons(read_manifest(workdir, stage), current)
   started = os.path.join(out, STARTED)
-  if os.path.exists(started):
-    with open(started) as f:
-      return [f"(partial) {r}" for r in stale_reasons(json.load(f), current)]
+  if files.exists(started):
+    return [f"(partial) {r}" for r in stale_reasons(json.loads(files.read_text(started)), current)]
   return []
 
 
@@ -156,11 +153,10 @@ def supersede(workdir: str, stage: str) -> str:
   src = stage_dir(workdir, stage)
   dst = os.path.join(workdir, SUPERSEDED, f"{stage.replace('/', '_')}.{time.strftime('%Y%m%d-%H%M%S')}")
   k = 0
-  while os.path.lexists(dst + (f".{k}" if k else "")):
+  while files.exists(dst + (f".{k}" if k else "")) or os.path.islink(dst + (f".{k}" if k else "")):
     k += 1
   dst += f".{k}" if k else ""
-  os.makedirs(os.path.dirname(dst), exist_ok=True)
-  os.replace(src, dst)
+  files.move(src, dst)  # a link (the study's shared stages) moves as the link
   return dst
 
 
@@ -200,7 +196,7 @@ def run_stage(workdir: str, stage: str, fn: Callable[[str], dict], *, log: Calla
   if is_done(workdir, stage):
     log(f"[{stage}] done already ({os.path.join(out, MANIFEST)}); skipping")
     return read_manifest(workdir, stage)
-  os.makedirs(out, exist_ok=True)
+  files.makedirs(out)
   if current is not None:
     atomic_write_json(os.path.join(out, STARTED), current)
   t0 = time.perf_counter()

@@ -36,18 +36,17 @@ Oracle agreement (synthetic world: images with scene graphs): each parsed rewrit
 from __future__ import annotations
 
 import collections
-import contextlib
+import io
 import json
 import logging
 import os
-import pathlib
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from recall_jax import faults, parallel, viz
+from recall_jax import faults, files, parallel, viz
 from recall_jax.data import pipeline
 from recall_jax.generate import sft
 from recall_jax.data.synthetic import TextParseError
@@ -172,7 +171,7 @@ class Calibrator:
 def _oracle_for(images: dict, records: list[dict]) -> Optional[Oracle]:
   """The world's oracle when every image the records use has a scene graph beside it, else None."""
   names = {n for r in records for n in (r["reference"], r["instance"])}
-  if names and all(pathlib.Path(images[n]).with_suffix(".json").exists() for n in names):
+  if names and all(files.exists(files.path(images[n]).with_suffix(".json")) for n in names):
     return Oracle(images)
   return None
 
@@ -269,10 +268,9 @@ def calibrate_batch(calibrator: Calibrator, batch: list[dict], rng: Optional[jax
 def read_partial(path: str, prompt_mode: str, rewriter: str = "model") -> dict[str, dict]:
   """Finished samples of an interrupted run, by id. A torn last line (a crash mid-write) is cut off the file so
   appending continues cleanly; a torn line elsewhere, or samples of another prompt mode or rewriter, are errors."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     return {}
-  with open(path) as f:
-    lines = f.readlines()
+  lines = io.StringIO(files.read_text(path)).readlines()
   done = {}
   for n, line in enumerate(lines):
     try:
@@ -305,9 +303,9 @@ def seed_partial(generations: str, out: str) -> str:
   prompt mode and rewriter: checked on reading). Only the keep decision is made anew, under this run's config:
   e.g. the same generations with and without the VQA filter. Returns the partial file."""
   partial = os.path.join(out, PARTIAL)
-  if os.path.exists(partial):
+  if files.exists(partial):
     raise FileExistsError(f"{partial} exists: this calibrate run has samples of its own")
-  artifacts.atomic_write_text(partial, pathlib.Path(generations).read_text())
+  artifacts.atomic_write_text(partial, files.read_text(generations))
   return partial
 
 
@@ -404,19 +402,16 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
            len(records) - len(pending), len(pending))
   progress = Progress(len(pending), unit="samples")
   base_key = jax.random.key(ccfg.seed)
-  # Process 0 appends every finished batch; the others hold the same samples and write nothing.
-  with open(partial, "a") if parallel.is_writer() else contextlib.nullcontext() as f:
+  # Process 0 appends every finished batch; the others hold the same samples and write nothing (files.py).
+  with files.Appender(partial) as f:
     for start in range(0, len(pending), ccfg.batch_size):
       batch = pending[start:start + ccfg.batch_size]
       # Keyed by the batch's first record, so a batch draws the same way whether or not the run was resumed.
       rng = None if calibrator.sampling.greedy else jax.random.fold_in(base_key, position[batch[0]["id"]])
-      finished = calibrate_batch(calibrator, batch, rng, oracle)
-      if f is not None:
-        for rec in finished:
-          f.write(json.dumps(rec, sort_keys=True) + "\n")
-          faults.point("calibrate.write")
-        f.flush()
-        os.fsync(f.fileno())
+      for rec in calibrate_batch(calibrator, batch, rng, oracle):
+        f.write(json.dumps(rec, sort_keys=True) + "\n")
+        faults.point("calibrate.write")
+      f.sync()
       log.info("[calibrate] %s", progress.line(start + len(batch)))
 
   done = _read_partial_everywhere(partial, ccfg)
@@ -425,8 +420,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
   artifacts.write_jsonl(os.path.join(out, CORRECTIVE), [corrective_triplet(s) for s in samples if s["kept"]])
   sheet = os.path.join(out, SHEET)
   _sheet(samples, load, sheet, ccfg.sheet_samples)
-  if parallel.is_writer():
-    os.remove(partial)
+  files.remove(partial)
   stats = statistics(samples, len(mined))
   log.info("[calibrate] %s", json.dumps({k: v for k, v in stats.items() if k != "oracle"}))
   return {
@@ -439,5 +433,5 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
       "oracle": "scene graphs" if oracle is not None else "unavailable" if ccfg.oracle else "off",
       "statistics": stats,
       "outputs": {"generations": os.path.join(out, GENERATIONS), "corrective": os.path.join(out, CORRECTIVE),
-                  "sheet": sheet if os.path.exists(sheet) else None},
+                  "sheet": sheet if files.exists(sheet) else None},
   }

@@ -7,7 +7,7 @@ import os
 from flax import nnx
 from ml_collections import ConfigDict
 
-from recall_jax import parallel, recall_config
+from recall_jax import files, parallel, recall_config
 from recall_jax.data import pipeline
 from recall_jax.data.image import ImageBuckets
 from recall_jax.data.records import CIRSplit
@@ -22,14 +22,27 @@ def load_base_model(cfg: ConfigDict, workdir: str, checkpoint: str | None = None
   configured or prepare's tiny one), or from `checkpoint` when given. Every tensor is read once and placed straight
   onto its sharding on `mesh` (default: the config's, `parallel.mesh_from_config`) by config sharding.rules
   (replicated where none matches)."""
-  from transformers import AutoTokenizer
   if cfg.model.dtype not in DTYPES:
     raise ValueError(f"config model.dtype must be one of {sorted(DTYPES)}, got {cfg.model.dtype!r}")
   path = checkpoint or foundation_checkpoint(cfg, workdir)
   model = qwen2_5_vl.from_pretrained(path, dtype=DTYPES[cfg.model.dtype], mesh=_mesh(cfg, mesh),
                                      shardings=parallel.rules_from_config(cfg) or None,
                                      position_mode=cfg.model.position_mode)
-  return model, AutoTokenizer.from_pretrained(path)
+  return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: str):
+  """The checkpoint's tokenizer (transformers AutoTokenizer); from a bucket its files are read through a local
+  copy (without the weights)."""
+  from transformers import AutoTokenizer
+  with files.local_view(path, skip_suffixes=(".safetensors",)) as local:
+    return AutoTokenizer.from_pretrained(local)
+
+
+def save_tokenizer(tokenizer, path: str) -> None:
+  """tokenizer.save_pretrained(path); into a bucket through a local folder."""
+  with files.local_output(path) as local:
+    tokenizer.save_pretrained(local)
 
 
 def _mesh(cfg: ConfigDict, mesh):
@@ -81,7 +94,7 @@ def trained_adapters(cfg: ConfigDict, workdir: str, stage: str) -> str:
   from recall_jax.stages import artifacts
   manifest = artifacts.read_manifest(workdir, stage)
   base, trained_on = foundation_checkpoint(cfg, workdir), manifest.get("base_checkpoint")
-  if trained_on is not None and os.path.abspath(trained_on) != os.path.abspath(base):
+  if trained_on is not None and files.absolute(trained_on) != files.absolute(base):
     raise ValueError(f"the adapters of stage {stage!r} ({manifest['adapter_dir']}) were trained on {trained_on}, "
                      f"but the base checkpoint is now {base}; rerun {stage} (remove its folder) on this base")
   return manifest["adapter_dir"]
@@ -141,7 +154,7 @@ def protocol(cfg: ConfigDict, dataset: str) -> dict:
 def adapter_recall_config(cfg: ConfigDict, stage: str, base_checkpoint: str) -> recall_config.RecallConfig:
   """What adapters trained by `stage` under `cfg` embed with (written beside them as recall_config.json)."""
   return recall_config.RecallConfig(
-      base_checkpoint=os.path.abspath(base_checkpoint), dtype=cfg.model.dtype, position_mode=cfg.model.position_mode,
+      base_checkpoint=files.absolute(base_checkpoint), dtype=cfg.model.dtype, position_mode=cfg.model.position_mode,
       dataset=cfg.data.dataset, encode=encode_config(cfg), prompts=recall_config.prompt_templates(cfg.data.dataset),
       protocol=protocol(cfg, cfg.data.dataset), categories=tuple(cfg.data.categories),
       image_ext=cfg.data.image_ext, eval_batch_size=int(cfg.eval.batch_size), stage=stage)

@@ -13,11 +13,11 @@ arrays and give the same results (tests/stages/test_data_format.py).
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Sequence
 
 from ml_collections import ConfigDict
 
+from recall_jax import files
 from recall_jax.data import pipeline, readers
 from recall_jax.data.records import CIRSplit, DataError
 from recall_jax.stages import paths
@@ -129,8 +129,8 @@ def write_array_record(cfg: ConfigDict, workdir: str) -> dict:
   its published layout (`dataset_root`) into `paths.array_record_dir` (parts already built are kept), then checks
   the result; returns the manifest entry."""
   where = paths.array_record_dir(cfg, workdir)
-  if not cfg.data.root and not cfg.data.get("array_record_dir") and os.path.exists(where):
-    shutil.rmtree(where)  # prepare's own copy of a synthetic world that an interrupted run generated again
+  if not cfg.data.root and not cfg.data.get("array_record_dir") and files.exists(where):
+    files.rmtree(where)  # prepare's own copy of a synthetic world that an interrupted run generated again
   root = dataset_root(cfg, workdir)
   for config in builder_configs(cfg):
     _builders().build_cir_dataset(root, where, config)

@@ -10,7 +10,7 @@ from typing import Optional
 
 from ml_collections import ConfigDict
 
-from recall_jax import parallel, viz
+from recall_jax import files, parallel, viz
 from recall_jax.eval import embeddings, metrics, results, retrieval, submission
 from recall_jax.stages import artifacts, common, data_source, verify_queries
 
@@ -32,7 +32,7 @@ def evaluate_model(cfg: ConfigDict, workdir: str, out: str, model, tokenizer, ch
                    mesh=None) -> tuple[dict, dict]:
   """One model on cfg.eval.split: results_<split>.json, ranked lists, ranks_<split>.json (per-query rank of the
   ground truth) and retrieval sheets under `out`; returns (metrics per split, ranks per split)."""
-  os.makedirs(out, exist_ok=True)
+  files.makedirs(out)
   encode_cfg = common.encode_config(cfg)
   summary, per_category, ranks = {}, {}, {}
   for split in common.read_splits(cfg, workdir, cfg.eval.split):

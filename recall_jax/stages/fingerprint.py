@@ -18,6 +18,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from recall_jax import files
 from recall_jax.stages import paths
 
 # Config sections per stage (dotted prefixes). A stage depends on its own and on all earlier stages' sections.
@@ -75,7 +76,7 @@ def config_fields(cfg: ConfigDict, workdir: str, stage: str) -> dict[str, Any]:
         _flat(value, section, flat)
   flat = {k: v for k, v in flat.items() if not _NEUTRAL.search(k)}
   if "model.checkpoint" in flat:  # "" = prepare's tiny base: the same base, whatever folder names it
-    flat["model.checkpoint"] = os.path.realpath(paths.checkpoint_dir(cfg, workdir))
+    flat["model.checkpoint"] = files.real(paths.checkpoint_dir(cfg, workdir))
   if "calibrate.prompt_dir" in flat:  # the templates' text, not only their folder: an edited file is a change
     flat["calibrate.templates_sha256"] = _templates_digest(flat["calibrate.prompt_dir"])
   if round_num >= 2:
@@ -87,11 +88,10 @@ def _templates_digest(prompt_dir: str) -> str:
   from recall_jax.generate import prompt_files
   folder = prompt_files.resolve_dir(prompt_dir)
   h = hashlib.sha256()
-  for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+  for name in files.listdir(folder) if files.is_dir(folder) else []:
     if name.endswith(".txt"):
       h.update(name.encode() + b"\0")
-      with open(os.path.join(folder, name), "rb") as f:
-        h.update(f.read() + b"\0")
+      h.update(files.read_bytes(os.path.join(folder, name)) + b"\0")
   return h.hexdigest()[:16]
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
-from recall_jax import parallel, viz
+from recall_jax import files, parallel, viz
 from recall_jax.data.prompts import join_captions
 from recall_jax.data.records import CIRSplit
 from recall_jax.eval import embeddings
@@ -237,5 +237,5 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None, 
       "queries": queries, "failures": failures, "failure_rate": failures / max(queries, 1),
       "instances": len(records), "instances_per_failing_query": failing_instances / failures if failures else 0.0,
       "splits": splits, "outputs": {"mined": os.path.join(out, MINED),
-                                    "sheet": sheet if os.path.exists(sheet) else None},
+                                    "sheet": sheet if files.exists(sheet) else None},
   }

@@ -8,19 +8,17 @@ training text (`world_tokenizer`; needs the synthetic world), "bytes" is the fix
 
 from __future__ import annotations
 
-import os
-
 import jax
 from flax import nnx
 from ml_collections import ConfigDict
 
-from recall_jax import parallel
+from recall_jax import files, parallel
 from recall_jax.data.synthetic import generate_world
 from recall_jax.models import qwen2_5_vl
 from recall_jax.stages.tokenizer_corpus import world_corpus
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
 from recall_jax.models.qwen2_5_vl.world_tokenizer import build_world_tokenizer
-from recall_jax.stages import data_source
+from recall_jax.stages import common, data_source
 from recall_jax.stages.paths import checkpoint_dir, world_root
 
 TOKENIZERS = ("world", "bytes")
@@ -54,9 +52,8 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
     return manifest
   if world_root(cfg, workdir) != cfg.data.root:  # data.root "" -> generate the synthetic world
     root = world_root(cfg, workdir)
-    if os.path.exists(root):  # a crash mid-generation leaves a partial world: start it again
-      import shutil
-      shutil.rmtree(root)
+    if files.exists(root):  # a crash mid-generation leaves a partial world: start it again
+      files.rmtree(root)
     world = generate_world(root, scale=cfg.world.scale, seed=cfg.world.seed, image_size=cfg.world.image_size)
     manifest["world"] = {"root": root, "counts": world["counts"]}
   if checkpoint_dir(cfg, workdir) != cfg.model.checkpoint:  # model.checkpoint "" -> a tiny random checkpoint
@@ -65,7 +62,7 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
     tokenizer = _tiny_tokenizer(cfg, workdir, model_cfg.text.vocab_size)
     model = qwen2_5_vl.Qwen25VLModel(model_cfg, rngs=nnx.Rngs(cfg.model.init_seed))
     qwen2_5_vl.save_pretrained(model, path)
-    tokenizer.save_pretrained(path)
+    common.save_tokenizer(tokenizer, path)
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     manifest["checkpoint"] = {"path": path, "params": int(n), "random_init_seed": cfg.model.init_seed,
                               "tokenizer": cfg.model.tiny_tokenizer, "vocab_size": len(tokenizer),

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import numpy as np
 from ml_collections import ConfigDict
 
-from recall_jax import viz
+from recall_jax import files, viz
 from recall_jax.files import atomic_write_text
 from recall_jax.stages import artifacts, common
 
@@ -71,14 +71,12 @@ def fig1(evaluation: dict) -> Optional[dict]:
   splits, pooled = {}, {"queries": 0, "verified": 0, "R@1": {}}
   pooled_ranks: dict[str, dict[str, list]] = {}
   for tag, info in verification["splits"].items():
-    with open(info["path"]) as f:
-      p_yes = json.load(f)["p_yes"]
+    p_yes = json.loads(files.read_text(info["path"]))["p_yes"]
     verified = {qid for qid, p in p_yes.items() if p >= threshold}
     entry = {"queries": len(p_yes), "verified": len(verified), "R@1": {}, "verified_but_missed": {}}
     for model, m in evaluation["models"].items():
       path = os.path.join(m["dir"], f"ranks_{tag}.json")
-      with open(path) as f:
-        ranks = json.load(f)["ranks"]
+      ranks = json.loads(files.read_text(path))["ranks"]
       if set(ranks) != set(p_yes):
         raise ValueError(f"{path}: its queries differ from those of {info['path']} (a stale file?)")
       all_r1 = _r1(list(ranks.values()))

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from recall_jax import parallel
+from recall_jax import files, parallel
 from recall_jax.data import pipeline
 from recall_jax.generate import sft
 from recall_jax.data.synthetic.attributes import ATTRIBUTES, CATEGORIES, VALUES
@@ -80,11 +80,10 @@ def teach_vision(model, cfg: ConfigDict, workdir: str, out: str, train_splits: l
   v = cfg.teach.vision
   path = os.path.join(out, VISION)
   figures_path = os.path.join(path, "vision_pretrain.json")
-  if os.path.exists(figures_path):
+  if files.exists(figures_path):
     nnx.update(model.visual, nnx.state(qwen2_5_vl.from_pretrained(path).visual, nnx.Param))
-    with open(figures_path) as f:
-      log.info("[teach] vision phase done already (%s); reusing it", path)
-      return json.load(f)
+    log.info("[teach] vision phase done already (%s); reusing it", path)
+    return json.loads(files.read_text(figures_path))
   names = sorted({n for s in train_splits for n in s.images})
   pixels, grid, labels = _image_arrays(train_splits, names, cfg, workdir)
   val_splits = common.read_splits(cfg, workdir, "val")
@@ -174,7 +173,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, mesh=None) -> dict:
   path = os.path.join(out, CHECKPOINT)
   if parallel.is_writer():
     qwen2_5_vl.save_pretrained(model, path)
-    tokenizer.save_pretrained(path)
+    common.save_tokenizer(tokenizer, path)
   quality = None
   if t.quality.enabled:
     from recall_jax.stages import foundation_quality

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from ml_collections import ConfigDict
 
+from recall_jax import files
 from recall_jax.stages import artifacts, fingerprint
 
 log = logging.getLogger("recall_jax")
@@ -47,11 +48,14 @@ def code_digest(root: str = _PACKAGE) -> str:
 
 def key(cfg: ConfigDict, workdir: str) -> str:
   fields = fingerprint.config_fields(cfg, workdir, "teach")
-  fields["model.checkpoint"] = os.path.realpath(cfg.model.checkpoint) if cfg.model.checkpoint else "<prepare>"
+  fields["model.checkpoint"] = files.real(cfg.model.checkpoint) if cfg.model.checkpoint else "<prepare>"
   return fingerprint.digest({"fields": fields, "code": code_digest()})
 
 
 def entry_dir(cache_dir: str, cache_key: str) -> str:
+  if files.is_remote(cache_dir):  # an entry is made whole by a folder rename, which a bucket does not have
+    raise ValueError(f"config teach.cache_dir = {cache_dir!r}: the teach cache must be a local folder (the run's "
+                     "workdir may be in a bucket)")
   return os.path.join(os.path.expanduser(cache_dir), cache_key)
 
 
@@ -69,10 +73,8 @@ def restore(cache_dir: str, cache_key: str, out: str) -> Optional[dict[str, Any]
       raise ValueError(f"teach cache entry {result_path} is corrupt ({e}); delete {entry} to teach again") from None
   for name in PRODUCTS:
     src, dst = os.path.join(entry, name), os.path.join(out, name)
-    if os.path.isdir(src):
-      shutil.copytree(src, dst, dirs_exist_ok=True)
-    elif os.path.exists(src):
-      shutil.copy2(src, dst)
+    if os.path.exists(src):
+      files.copy_tree(src, dst)  # into a local or a bucket workdir
   result["checkpoint"] = os.path.join(out, "checkpoint")
   result["reused_from"] = entry
   log.info("[teach] reusing the finished teach of %s (config teach.cache_dir; same recipe, world and code)", entry)
@@ -89,10 +91,8 @@ def store(cache_dir: str, cache_key: str, out: str, result: dict[str, Any]) -> s
   os.makedirs(tmp)
   for name in PRODUCTS:
     src = os.path.join(out, name)
-    if os.path.isdir(src):
-      shutil.copytree(src, os.path.join(tmp, name))
-    elif os.path.exists(src):
-      shutil.copy2(src, os.path.join(tmp, name))
+    if files.exists(src):
+      files.copy_tree(src, os.path.join(tmp, name))  # from a local or a bucket workdir
   artifacts.atomic_write_json(os.path.join(tmp, RESULT), result)
   shutil.rmtree(entry, ignore_errors=True)  # a stale half entry of a crashed store
   os.replace(tmp, entry)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 
+from recall_jax import files
 from recall_jax.data import prompts, readers
 from recall_jax.generate import sft
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import TINY_TOKEN_IDS
@@ -22,9 +23,9 @@ def world_corpus(world_root: str, *, prompt_dir: str = "", prompt_mode: str = "m
                  caption_join: str = "and", seed: int = 0) -> list[str]:
   """Texts of the world's training splits under `world_root` (FashionIQ and CIRR layouts), in a fixed order."""
   splits = []
-  if os.path.isdir(os.path.join(world_root, "fashioniq")):
+  if files.is_dir(os.path.join(world_root, "fashioniq")):
     splits += readers.read_fashioniq(os.path.join(world_root, "fashioniq"), "train")
-  if os.path.isdir(os.path.join(world_root, "cirr")):
+  if files.is_dir(os.path.join(world_root, "cirr")):
     splits.append(readers.read_cirr(os.path.join(world_root, "cirr"), "train"))
   if not splits:
     raise FileNotFoundError(f"{world_root} holds no FashionIQ or CIRR layout to build the tokenizer corpus from")

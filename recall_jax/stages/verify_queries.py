@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 from ml_collections import ConfigDict
 
-from recall_jax import parallel
+from recall_jax import files, parallel
 from recall_jax.data.prompts import join_captions
 from recall_jax.data.records import CIRSplit
 from recall_jax.eval.results import write_json_atomic
@@ -49,7 +49,7 @@ def run(cfg: ConfigDict, workdir: str, splits: Sequence[CIRSplit], out: str, *,
     sampler = Sampler(model, tokenizer, cache_buckets=cfg.calibrate.prompt_lengths, mesh=mesh)
   calibrator = calibrate.Calibrator(sampler, sampler.tokenizer, cfg.calibrate, common.encode_config(cfg),
                                     data_source.image_loader(cfg, workdir, splits))
-  os.makedirs(out, exist_ok=True)
+  files.makedirs(out)
   for split in splits:
     tag = split.dataset + (f"_{split.category}" if split.category else "")
     p_yes = calibrator.p_yes(calibrator.verify_template, split_items(split, cfg.data.caption_join))

@@ -15,7 +15,7 @@ import grain
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from recall_jax import faults
+from recall_jax import faults, files
 
 MODES = ("max", "min")
 
@@ -25,9 +25,9 @@ class Checkpoints:
   `keep` (Orbax's `AnyPreservationPolicy([LatestN, BestN])`)."""
 
   def __init__(self, directory: str, *, keep: int = 2, best_metric: str | None = None, best_mode: str = "max"):
-    directory = os.path.abspath(directory)
+    directory = files.absolute(directory)  # Orbax wants absolute paths; a bucket path (gs://...) is one already
     for former in ("latest", "best"):  # the former layout: one manager for resuming, a second for the best
-      if os.path.isdir(os.path.join(directory, former)):
+      if files.is_dir(os.path.join(directory, former)):
         raise ValueError(f"{directory}: holds {former}/, a checkpoint of the former two-folder layout this version "
                          f"cannot resume; delete {directory} (or use another out_dir) to train again")
     if best_mode not in MODES:
@@ -40,7 +40,7 @@ class Checkpoints:
     # The preservation policy alone decides what is kept; best_fn / best_mode only say what "best" means, for
     # best_step() and so that Orbax writes each step's metrics to disk (without best_fn it keeps them in memory
     # only, and a resumed run's BestN would no longer see the best step's).
-    self._manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+    self._manager = ocp.CheckpointManager(files.path(directory), options=ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(keep_policies),
         best_fn=self._metric if self.best_metric else None, best_mode=best_mode, create=True,
         enable_async_checkpointing=False))

@@ -12,6 +12,7 @@ import pathlib
 import re
 from typing import Optional, Union
 
+from recall_jax import files
 from recall_jax.data.readers import common
 from recall_jax.data.records import CIRSplit, Query
 
@@ -34,7 +35,7 @@ def read_circo(root: Union[str, pathlib.Path], split: str, image_dir: Optional[U
   """
   if split not in SPLITS:
     raise ValueError(f"CIRCO split must be one of {SPLITS}, got {split!r}")
-  root = pathlib.Path(root).absolute()
+  root = files.path(files.absolute(root))  # a local folder or a bucket path
   image_dir = root / (DEFAULT_IMAGE_DIR if image_dir is None else image_dir)
   policy = common.Policy(on_error)
   ann_path = root / "annotations" / f"{split}.json"
@@ -42,10 +43,10 @@ def read_circo(root: Union[str, pathlib.Path], split: str, image_dir: Optional[U
   if not image_dir.is_dir():
     raise common.DataError(f"{image_dir}: CIRCO image directory not found")
 
-  files = sorted(p for p in image_dir.iterdir() if _COCO_NAME.match(p.name))
-  checker = common.ImageChecker(verify_images, len(files))
+  image_files = sorted(p for p in image_dir.iterdir() if _COCO_NAME.match(p.name))
+  checker = common.ImageChecker(verify_images, len(image_files))
   images: dict[str, str] = {}
-  for path in files:
+  for path in image_files:
     problem = checker.problem(path)
     if problem:
       policy.bad_file(path, f"gallery image: {problem}")

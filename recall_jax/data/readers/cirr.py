@@ -6,10 +6,10 @@ pairid; subset = img_set.members (6 names, the reference among them). test1 reco
 
 from __future__ import annotations
 
-import os
 import pathlib
 from typing import Optional, Union
 
+from recall_jax import files
 from recall_jax.data.readers import common
 from recall_jax.data.records import CIRSplit, Query
 
@@ -25,7 +25,7 @@ def read_cirr(root: Union[str, pathlib.Path], split: str, on_error: str = "raise
   """
   if split not in SPLITS:
     raise ValueError(f"CIRR split must be one of {SPLITS}, got {split!r}")
-  root = pathlib.Path(root).absolute()
+  root = files.path(files.absolute(root))  # a local folder or a bucket path
   policy = common.Policy(on_error)
   split_path = root / "image_splits" / f"split.rc2.{split}.json"
   cap_path = root / "captions" / f"cap.rc2.{split}.json"
@@ -76,4 +76,4 @@ def read_cirr(root: Union[str, pathlib.Path], split: str, on_error: str = "raise
 
 def _path_of(root: pathlib.Path, rel: str) -> pathlib.Path:
   """The split file's "./dev/x.png" relative to the dataset root, normalised (symlinks kept)."""
-  return pathlib.Path(os.path.normpath(root / rel))
+  return files.path(files.normpath(root / rel))

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from PIL import Image
 
+from recall_jax import files
 from recall_jax.data.records import DataError
 
 ON_ERROR = ("raise", "skip")
@@ -79,11 +80,11 @@ def _kind_name(kind) -> str:
 
 def image_problem(path: pathlib.Path, decode: bool) -> Optional[str]:
   """Why an image cannot be used (missing / undecodable), or None."""
-  if not path.is_file():
+  if not files.is_file(path):
     return f"image file not found: {path}"
   if decode:
     try:
-      with Image.open(path) as img:
+      with files.path(path).open("rb") as f, Image.open(f) as img:
         img.load()
     except Exception as e:  # PIL raises many types for corrupt files; all mean the same here.
       return f"unreadable image {path}: {type(e).__name__}: {e}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pathlib
 from typing import Optional, Sequence, Union
 
+from recall_jax import files
 from recall_jax.data.readers import common
 from recall_jax.data.records import CIRSplit, Query
 
@@ -29,7 +30,7 @@ def read_fashioniq(root: Union[str, pathlib.Path], split: str, categories: Seque
     raise ValueError(f"FashionIQ split must be one of {SPLITS}, got {split!r}")
   if not image_ext.startswith("."):
     raise ValueError(f"image_ext must start with '.', got {image_ext!r}")
-  root = pathlib.Path(root).absolute()
+  root = files.path(files.absolute(root))  # a local folder or a bucket path
   return [_read_category(root, split, cat, image_ext, on_error, root / image_dir, verify_images)
           for cat in categories]
 

@@ -18,6 +18,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
+from recall_jax import files
 from recall_jax.data.synthetic import language
 from recall_jax.data.synthetic.attributes import VALUES, Garment, rank
 
@@ -70,7 +71,7 @@ def implied(reference: Garment, text: str) -> Optional[Garment]:
 
 def load_scene_graph(image_path: str | pathlib.Path) -> Garment:
   """The garment of an image, from the scene graph JSON beside it."""
-  path = pathlib.Path(image_path).with_suffix(".json")
+  path = files.path(image_path).with_suffix(".json")  # beside a local image or one in a bucket
   try:
     data = json.loads(path.read_text())
   except FileNotFoundError:

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from recall_jax import files
 from recall_jax.data.synthetic import layouts as layouts_lib
 from recall_jax.data.synthetic import render
 from recall_jax.data.synthetic.attributes import ATTRIBUTES, CATEGORIES, HELD_OUT, VALUES
@@ -62,18 +63,17 @@ def resolve_counts(scale: Union[str, Counts], layouts: Sequence[str]) -> dict[st
   return counts
 
 
-def _write_json(path: pathlib.Path, value: Any) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(value, indent=1) + "\n")
+def _write_json(path: os.PathLike, value: Any) -> None:
+  files.write_text(path, json.dumps(value, indent=1) + "\n")
 
 
 def _render_jobs(root: str, jobs: Sequence[tuple[str, Any, Any]], image_size: int) -> None:
   for rel, garment, jitter in jobs:
     fmt = pathlib.PurePath(rel).suffix[1:]
-    (pathlib.Path(root) / rel).write_bytes(render.to_bytes(render.render(garment, jitter, image_size), fmt))
+    files.write_bytes(files.path(root) / rel, render.to_bytes(render.render(garment, jitter, image_size), fmt))
 
 
-def generate_world(root: Union[str, pathlib.Path], *, scale: Union[str, Counts] = "tiny", seed: int = 0,
+def generate_world(root: Union[str, os.PathLike], *, scale: Union[str, Counts] = "tiny", seed: int = 0,
                    image_size: int = 112, layouts: Sequence[str] = LAYOUTS,
                    workers: Optional[int] = None) -> dict[str, Any]:
   """Writes the world under `root` (which must be empty or absent) and returns its manifest (also root/world.json).
@@ -83,7 +83,7 @@ def generate_world(root: Union[str, pathlib.Path], *, scale: Union[str, Counts] 
   workers: processes rendering images (1 = in this process; None = 1 for small worlds, else up to 2); the output
     does not depend on it.
   """
-  root = pathlib.Path(root)
+  root = files.path(root)  # a local folder or a bucket path
   if root.exists() and any(root.iterdir()):
     raise FileExistsError(f"world root {root} is not empty; remove it or pick another directory")
   if image_size < 28:
@@ -124,8 +124,8 @@ def generate_world(root: Union[str, pathlib.Path], *, scale: Union[str, Counts] 
   return manifest
 
 
-def load_manifest(root: Union[str, pathlib.Path]) -> dict[str, Any]:
-  path = pathlib.Path(root) / MANIFEST
+def load_manifest(root: Union[str, os.PathLike]) -> dict[str, Any]:
+  path = files.path(root) / MANIFEST
   try:
     return json.loads(path.read_text())
   except FileNotFoundError:

@@ -35,6 +35,7 @@ from jax.typing import DTypeLike
 
 from recall_jax import parallel
 from recall_jax.data import image
+from recall_jax.files import local_output, local_view
 from recall_jax.models.qwen2_5_vl import names
 from recall_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from recall_jax.models.qwen2_5_vl.model import Qwen25VLModel
@@ -225,6 +226,14 @@ def from_pretrained(checkpoint_dir: str, dtype: DTypeLike = jnp.float32, mesh: M
   """
   if shardings is not None and mesh is None:
     raise ValueError("from_pretrained: shardings given without a mesh")
+  with local_view(checkpoint_dir) as local:  # a bucket checkpoint is read from a local copy (safetensors maps files)
+    model = _load(local, dtype, mesh, shardings, config_overrides)
+  model.name_or_path = checkpoint_dir
+  return model
+
+
+def _load(checkpoint_dir: str, dtype: DTypeLike, mesh: Mesh | None, shardings: Shardings | None,
+          config_overrides: dict[str, Any]) -> Qwen25VLModel:
   cfg = Qwen25VLConfig.from_pretrained(checkpoint_dir).replace(**config_overrides)
   files = checkpoint_files(checkpoint_dir)
   abstract = nnx.eval_shape(lambda: Qwen25VLModel(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
@@ -254,9 +263,7 @@ def from_pretrained(checkpoint_dir: str, dtype: DTypeLike = jnp.float32, mesh: M
                    f"({len(missing)} in all)")
   for param_path, variable in targets.items():
     variable.set_value(loaded[param_path])
-  model = nnx.merge(graphdef, nnx.from_flat_state(targets))
-  model.name_or_path = checkpoint_dir
-  return model
+  return nnx.merge(graphdef, nnx.from_flat_state(targets))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,8 +303,13 @@ def save_pretrained(model: Qwen25VLModel, checkpoint_dir: str, *, min_pixels: in
                     max_pixels: int = image.MAX_PIXELS) -> None:
   """Writes config.json (nested transformers-5 layout), model.safetensors with hub key names, in the params'
   dtype, and preprocessor_config.json (`preprocessor_config`, with these pixel bounds); transformers'
-  Qwen2_5_VLForConditionalGeneration.from_pretrained and AutoImageProcessor.from_pretrained read the result."""
-  os.makedirs(checkpoint_dir, exist_ok=True)
+  Qwen2_5_VLForConditionalGeneration.from_pretrained and AutoImageProcessor.from_pretrained read the result.
+  A bucket path (gs://...) is written locally first, then uploaded file by file."""
+  with local_output(checkpoint_dir) as local:
+    _save(model, local, min_pixels, max_pixels)
+
+
+def _save(model: Qwen25VLModel, checkpoint_dir: str, min_pixels: int, max_pixels: int) -> None:
   conv_shapes = _conv_shapes(model.cfg)
   tensors = {}
   for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
