@@ -144,11 +144,12 @@ def _put(x, sharding: NamedSharding):
 
 
 def host_to_global(batch, mesh: Mesh, *, batch_axes: Mapping[str, int] | None = None,
-                   global_rows: int | None = None) -> Any:
+                   global_rows: int | None = None, replicate: Sequence[str] = ("vision",)) -> Any:
   """Host arrays -> global arrays sharded over the mesh's batch axes: the one path by which batches reach devices.
 
   batch: a pytree of numpy arrays; each leaf's batch dimension is 0, or `batch_axes[key]` for a dict key (e.g.
-  position ids (3, B, L): 1). A leaf under the key "vision" (the vision geometry) is replicated.
+  position ids (3, B, L): 1). A leaf under a key of `replicate` (default "vision", the vision geometry) is
+  replicated.
   global_rows: None when each process holds its own slice of the batch (the Grain pipelines), the global batch size
   when every process holds the whole batch (jax then copies each device's rows).
   """
@@ -156,7 +157,7 @@ def host_to_global(batch, mesh: Mesh, *, batch_axes: Mapping[str, int] | None = 
 
   def put(path, x):
     keys = [getattr(k, "key", None) for k in path]
-    if "vision" in keys:
+    if any(k in keys for k in replicate):
       return _put(np.asarray(x), NamedSharding(mesh, P()))
     x = np.asarray(x)
     axis = next((batch_axes[k] for k in reversed(keys) if k in batch_axes), 0)

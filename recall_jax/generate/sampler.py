@@ -167,7 +167,8 @@ class Sampler:
   cache_buckets: allowed padded prompt lengths (default: powers of two from 16); the cache holds the prompt
   bucket + max_new_tokens slots, so each (batch, bucket, max_new_tokens, sampling) compiles once.
   mesh: shard every batch, and with it the KV cache, over the mesh's batch axes (the model's weights must be on
-  that mesh: `parallel.place_params`); every process passes the whole batch and gets every row back.
+  that mesh: `parallel.place_params`); every process passes the whole batch and gets every row back. A batch that
+  does not divide into the batch shards is filled with blank rows, whose outputs are dropped.
   """
 
   def __init__(self, model: Qwen25VLModel, tokenizer: Any = None, *, eos_ids: int | Sequence[int] | None = None,
@@ -206,10 +207,30 @@ class Sampler:
     check_left_padded(attention_mask)
     length = bucket_length(input_ids.shape[1], self.cache_buckets)
     input_ids, attention_mask = left_pad(input_ids, attention_mask, length, self.pad_id)
+    if self.mesh is not None:
+      input_ids, attention_mask = self._fill_shards(input_ids, attention_mask)
     inputs = self.model.prepare(input_ids, attention_mask, image_grid_thw, pixel_values)
     if self.mesh is None:
       return inputs
-    return parallel.host_to_global(inputs, self.mesh, batch_axes={"position_ids": 1}, global_rows=len(input_ids))
+    # Packed patches of images of any size are not batch-first: replicated, like their geometry.
+    return parallel.host_to_global(inputs, self.mesh, batch_axes={"position_ids": 1}, global_rows=len(input_ids),
+                                   replicate=("vision", "pixel_values"))
+
+  def _fill_shards(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows appended up to a multiple of the mesh's batch shards, so any batch size decodes on any mesh: each is
+    one attended pad token and no image (rows are independent; `_rows` drops their outputs)."""
+    extra = -len(input_ids) % parallel.batch_shards(self.mesh)
+    if not extra:
+      return input_ids, attention_mask
+    fill_ids = np.full((extra, input_ids.shape[1]), self.pad_id, input_ids.dtype)
+    fill_mask = np.zeros((extra, input_ids.shape[1]), attention_mask.dtype)
+    fill_mask[:, -1] = 1
+    return np.concatenate([input_ids, fill_ids]), np.concatenate([attention_mask, fill_mask])
+
+  @staticmethod
+  def _rows(output, n: int):
+    """`output` (batch-first arrays) without the rows `_fill_shards` appended."""
+    return jax.tree.map(lambda x: x if x.shape[0] == n else x[:n], output)
 
   def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                pixel_values: np.ndarray | None = None, image_grid_thw: np.ndarray | None = None, *,
@@ -230,7 +251,7 @@ class Sampler:
     output, _ = jitted_decode(graphdef, state, cache, logits, positions, rng, np.asarray(self.eos_ids, np.int32),
                               np.int32(self.pad_id), max_new_tokens=max_new_tokens, sampling=sampling,
                               return_logits=return_logits)
-    return parallel.addressable(parallel.settle(output))
+    return self._rows(parallel.addressable(parallel.settle(output)), len(input_ids))
 
   def score_candidates(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
                        pixel_values: np.ndarray | None = None, image_grid_thw: np.ndarray | None = None, *,
@@ -242,7 +263,8 @@ class Sampler:
       raise ValueError(f"candidate_ids must be a non-empty list of ids in [0, {vocab}), got {candidate_ids}")
     inputs = self._prepare(input_ids, attention_mask, pixel_values, image_grid_thw)
     graphdef, state = nnx.split(self.model)
-    return parallel.addressable(parallel.settle(jitted_score(graphdef, state, inputs, candidates)))
+    return self._rows(parallel.addressable(parallel.settle(jitted_score(graphdef, state, inputs, candidates))),
+                      len(input_ids))
 
   def decode_text(self, output: GenerateOutput, skip_special_tokens: bool = True) -> list[str]:
     """The generated texts, each cut at its length (its EOS included, then dropped as a special token)."""

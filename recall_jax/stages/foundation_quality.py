@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from recall_jax import parallel
 from recall_jax.data import prompts
 from recall_jax.generate import sft
 from recall_jax.data.records import Query
@@ -131,16 +132,21 @@ def _image_dependence(names: list[str], ask, seed: int) -> tuple[dict, dict]:
 
 
 def evaluate_foundation(model: Any, tokenizer: Any, cfg: ConfigDict, workdir: str, *,
-                        sampler: Optional[Sampler] = None, split: str = "val") -> dict:
+                        sampler: Optional[Sampler] = None, split: str = "val", mesh=None) -> dict:
   """F's quality figures (module doc) on `split` (the val split; the teach test also reads train) of
-  cfg.data.dataset; `sampler` replaces the one built from (model, tokenizer) as calibrate.run builds it."""
+  cfg.data.dataset; `sampler` replaces the one built from (model, tokenizer) as calibrate.run builds it: the model
+  placed on `mesh` (default: the config's) and the batches sharded over it."""
   started = time.perf_counter()
   ccfg, qcfg, reasoning = cfg.calibrate, cfg.teach.quality, cfg.teach.reasoning
   splits = common.read_splits(cfg, workdir, split)
   images = {name: path for s in splits for name, path in s.images.items()}
   oracle = Oracle(images)
   if sampler is None:
-    sampler = Sampler(model, tokenizer, cache_buckets=ccfg.prompt_lengths)
+    # Weights left on the host or on another layout (teach's trained copies) would otherwise make each decode step
+    # a multi-device program beside host inputs, which on 8 CPU host devices never finished.
+    mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
+    common.place_model(model, cfg, mesh)
+    sampler = Sampler(model, tokenizer, cache_buckets=ccfg.prompt_lengths, mesh=mesh)
   tokenizer = tokenizer or sampler.tokenizer
   load, encode_cfg = data_source.image_loader(cfg, workdir, splits), common.encode_config(cfg)
   rewrite_cfg = ccfg.copy_and_resolve_references()

@@ -177,7 +177,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, mesh=None) -> dict:
   quality = None
   if t.quality.enabled:
     from recall_jax.stages import foundation_quality
-    quality = foundation_quality.evaluate_foundation(model, tokenizer, cfg, workdir)
+    quality = foundation_quality.evaluate_foundation(model, tokenizer, cfg, workdir, mesh=mesh)
     log.info("[teach] F on val: %s", json.dumps({k: v for k, v in quality.items() if isinstance(v, float)}))
   figures = {"checkpoint": path, "mode": f"full fine-tuning of /{t.trainable_regex}/" if t.trainable_regex else
              f"LoRA rank {t.lora.rank} on /{t.lora.target_regex}/, merged", "steps": result.steps,

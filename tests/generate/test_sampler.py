@@ -230,3 +230,22 @@ def test_tokenizer_defaults_and_decode_text(checkpoint):
   output = GenerateOutput(tokens=tokens, log_probs=np.zeros((2, 8), np.float32),
                           lengths=np.array([len(words[0]) + 1, len(words[1])], np.int32))
   assert sampler.decode_text(output) == ["a red dress", "no"]
+
+
+def test_a_batch_that_does_not_divide_into_the_mesh_is_filled_and_its_rows_equal_one_device(checkpoint):
+  from recall_jax import parallel
+  cfg, directory, _, model = checkpoint
+  mesh = parallel.make_mesh((-1, 1, 1))
+  assert parallel.batch_shards(mesh) == 8
+  batch = ref.make_batch(cfg, BATCHES["two_images"], seed=1)  # 3 rows
+  sharded = Sampler(from_pretrained(directory, mesh=mesh), eos_ids=[-1], pad_id=PAD, mesh=mesh)
+  single = Sampler(model, eos_ids=[-1], pad_id=PAD)
+  got, want = (generate(s, batch, max_new_tokens=NEW, return_logits=True) for s in (sharded, single))
+  assert got.tokens.shape == want.tokens.shape == (3, NEW)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  assert_step_logits_close(np.asarray(got.logits), np.asarray(want.logits), np.asarray(want.lengths))
+  scores = [s.score_candidates(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                               batch["image_grid_thw"], candidate_ids=[10, 300]) for s in (sharded, single)]
+  assert scores[0].logits.shape == (3, 2)
+  np.testing.assert_allclose(np.asarray(scores[0].logits), np.asarray(scores[1].logits), rtol=0,
+                             atol=LOGIT_RTOL * np.abs(np.asarray(scores[1].logits)).max())
