@@ -107,8 +107,9 @@ def _number_problem(key: str, value: Any, default_is_int: bool) -> str | None:
   return None
 
 
-def problems(cfg: ConfigDict, stages: Sequence[str]) -> list[str]:
-  """Every problem of `cfg` for a run of `stages` (plain names, rounds expanded or not); [] when it is fine."""
+def problems(cfg: ConfigDict, stages: Sequence[str], mesh: Any = None) -> list[str]:
+  """Every problem of `cfg` for a run of `stages` (plain names, rounds expanded or not) on `mesh` (when given, the
+  batch sizes are checked against its batch shards and the process count); [] when it is fine."""
   out: list[str] = []
   for key, allowed in _enums().items():
     value = _get(cfg, key)
@@ -136,13 +137,8 @@ def problems(cfg: ConfigDict, stages: Sequence[str]) -> list[str]:
   if t.chunk_size and t.global_batch_size % t.chunk_size:
     out.append(f"config train.global_batch_size = {t.global_batch_size} must be a multiple of train.chunk_size = "
                f"{t.chunk_size} (GradCache chunks)")
-  shape = tuple(_get(cfg, "mesh.shape")) if _get(cfg, "mesh.shape") is not _MISSING else ()
-  if shape and len(shape) == 3 and -1 not in shape:
-    shards = shape[0] * shape[1]  # (data, fsdp) carry the batch
-    per = t.chunk_size or t.global_batch_size
-    if per % shards:
-      out.append(f"config train.{'chunk_size' if t.chunk_size else 'global_batch_size'} = {per} must be a multiple "
-                 f"of the batch shards mesh.shape[0] * mesh.shape[1] = {shards}")
+  if mesh is not None:
+    out += _mesh_problems(cfg, base, mesh)
   for key in ("data.query_lengths", "data.target_lengths", "calibrate.prompt_lengths", "teach.lengths"):
     value = _get(cfg, key)
     if value is _MISSING:
@@ -164,6 +160,29 @@ def problems(cfg: ConfigDict, stages: Sequence[str]) -> list[str]:
   return out
 
 
+# The global batches each stage splits over the mesh's batch shards and over the processes (each feeds its slice);
+# decoding (calibrate) fills its batches itself.
+_BATCH_KEYS = {"adapt": ("train.global_batch_size", "eval.batch_size"), "refine": ("train.global_batch_size", "eval.batch_size"),
+               "teach": ("teach.batch_size",), "mine": ("mine.batch_size",), "evaluate": ("eval.batch_size",)}
+
+
+def _mesh_problems(cfg: ConfigDict, stages: set[str], mesh: Any) -> list[str]:
+  import jax
+  from recall_jax import parallel
+  shards, processes = parallel.batch_shards(mesh), jax.process_count()
+  where = f"the {shards} batch shards of mesh {dict(mesh.shape)} (config mesh.shape = {tuple(cfg.mesh.shape)})"
+  out = []
+  for key in sorted({k for s in stages for k in _BATCH_KEYS.get(s, ())}):
+    value = _get(cfg, key)
+    if key == "train.global_batch_size" and cfg.train.chunk_size:
+      key, value = "train.chunk_size", cfg.train.chunk_size  # each GradCache chunk is one sharded batch
+    if value % shards:
+      out.append(f"config {key} = {value} must be a multiple of {where}")
+    elif value % processes:
+      out.append(f"config {key} = {value} must be a multiple of the {processes} processes (each feeds its slice)")
+  return out
+
+
 def _bucket_problems(cfg: ConfigDict) -> list[str]:
   """The image buckets must be valid, and each query / target token bucket must hold the largest image's merged
   tokens (one image per query and per target) with room for the text around it."""
@@ -182,8 +201,8 @@ def _bucket_problems(cfg: ConfigDict) -> list[str]:
   return out
 
 
-def validate(cfg: ConfigDict, stages: Sequence[str]) -> None:
-  """Raises ConfigError listing every problem of `cfg` for a run of `stages`."""
-  found = problems(cfg, stages)
+def validate(cfg: ConfigDict, stages: Sequence[str], mesh: Any = None) -> None:
+  """Raises ConfigError listing every problem of `cfg` for a run of `stages` (on `mesh`, when given)."""
+  found = problems(cfg, stages, mesh)
   if found:
     raise ConfigError(found)

@@ -76,12 +76,13 @@ def run(cfg, workdir: str, stages: list[str], on_change: str = "refuse", mesh=No
     raise ValueError(f"--on_change must be one of {artifacts.ON_CHANGE}, got {on_change!r}")
   fns = _stage_fns()
   config_check.validate(cfg, list(stages))  # every value checked before any stage runs
+  mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
+  config_check.validate(cfg, list(stages), mesh)  # and the batch sizes against the mesh this run has
   for what, where in (("--workdir", workdir), ("config data.root", cfg.data.root),
                       ("config model.checkpoint", cfg.model.checkpoint)):
     if where and files.is_remote(where):
       files.require_reachable(where, what)
   stages = artifacts.expand_stages(list(stages), cfg.rounds)
-  mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
   calls = {name: _stage_call(fns, cfg, workdir, name, mesh) for name in stages}  # every name checked before any runs
   # A finished input this run does not redo must belong to this config too, or a listed stage would read it.
   inputs = sorted({u for s in stages for u in fingerprint.upstream_stages(s, cfg.rounds)

@@ -7,7 +7,7 @@ import pytest
 
 from configs import demo, tiny
 from configs import cirr_qwen25vl_7b, fashioniq_qwen25vl_7b, study
-from recall_jax import config_check, main
+from recall_jax import config_check, main, parallel
 
 
 def _set(cfg, key, value):
@@ -41,6 +41,7 @@ def test_the_shipped_configs_are_valid():
     ("data.query_lengths", (), r"data.query_lengths = \(\): must be a non-empty list"),
     ("data.target_lengths", (16,), r"data.target_lengths = \(16,\): every bucket must exceed the 16 merged tokens"),
     ("data.image_buckets", 100, r"data.image_buckets = 100: image bucket \(100, 100\) is not a multiple of 28"),
+    ("teach.batch_size", 6, r"teach.batch_size = 6 must be a multiple of the 8 batch shards of mesh"),
 ])
 def test_a_bad_value_is_named_before_prepare_starts(tmp_path, key, value, message):
   cfg = _set(demo.get_config(), key, value)
@@ -57,9 +58,17 @@ def test_every_problem_is_listed_at_once_and_batch_shards_are_checked():
   found = config_check.problems(cfg, ["adapt", "refine"])
   assert len(found) == 2 and any("refine.mode" in p for p in found)
   cfg = demo.get_config()
-  cfg.mesh.shape = (3, 1, 1)
-  assert config_check.problems(cfg, ["adapt"]) == [
-      "config train.global_batch_size = 32 must be a multiple of the batch shards mesh.shape[0] * mesh.shape[1] = 3"]
+  cfg.mesh.shape = (-1, 1, 1)  # 8 test devices
+  cfg.train.global_batch_size, cfg.eval.batch_size = 12, 20
+  mesh = parallel.mesh_from_config(cfg)
+  assert config_check.problems(cfg, ["adapt"]) == []  # the batch shards are known once the mesh is
+  shards = "the 8 batch shards of mesh {'data': 8, 'fsdp': 1, 'tensor': 1} (config mesh.shape = (-1, 1, 1))"
+  assert config_check.problems(cfg, ["adapt"], mesh) == [f"config eval.batch_size = 20 must be a multiple of {shards}",
+                                                         f"config train.global_batch_size = 12 must be a multiple of "
+                                                         f"{shards}"]
+  cfg.train.chunk_size = 4
+  assert config_check.problems(cfg, ["mine", "calibrate"], mesh) == []  # decoding fills its own batches
+  assert f"config train.chunk_size = 4 must be a multiple of {shards}" in config_check.problems(cfg, ["refine"], mesh)
   cfg = demo.get_config()
   cfg.model.checkpoint = None
   assert "model.checkpoint is required" in config_check.problems(cfg, ["adapt"])[0]
