@@ -82,7 +82,7 @@ class Embedder:
     (recall_config.json beside them; a missing file raises naming it). A keyword given here overrides the file:
     checkpoint (the base, e.g. moved), dtype ("float32" / "bfloat16"), position_mode, dataset, encode, batch_size
     (default: the run's eval batch size)."""
-    from recall_jax.models import lora, peft_io, qwen2_5_vl
+    from recall_jax.models import lora, peft_io, qwen2_5_vl, tokenizers
     from recall_jax.models.qwen2_5_vl import names as qwen_names
     from recall_jax.models.dtypes import DTYPES
     rc = recall_config.read(adapter_dir)
@@ -104,7 +104,7 @@ class Embedder:
         "adapters": {f: embedding_cache.file_digest(os.path.join(adapter_dir, f)) for f in
                      (peft_io.ADAPTER_CONFIG, peft_io.ADAPTER_WEIGHTS)},
         "dtype": dtype, "position_mode": position_mode}
-    return cls(model, common.load_tokenizer(checkpoint), encode=encode or rc.encode,
+    return cls(model, tokenizers.load_tokenizer(checkpoint), encode=encode or rc.encode,
                dataset=dataset or rc.dataset, batch_size=batch_size or rc.eval_batch_size, mesh=mesh,
                identity=identity)
 

@@ -12,7 +12,7 @@ from recall_jax.data import pipeline
 from recall_jax.data.image import ImageBuckets
 from recall_jax.data.records import CIRSplit
 from recall_jax.eval import retrieval
-from recall_jax.models import qwen2_5_vl
+from recall_jax.models import qwen2_5_vl, tokenizers
 from recall_jax.models.dtypes import DTYPES
 from recall_jax.stages import data_source, paths
 
@@ -27,22 +27,8 @@ def load_base_model(cfg: ConfigDict, workdir: str, checkpoint: str | None = None
   path = checkpoint or foundation_checkpoint(cfg, workdir)
   model = qwen2_5_vl.from_pretrained(path, dtype=DTYPES[cfg.model.dtype], mesh=_mesh(cfg, mesh),
                                      shardings=parallel.rules_from_config(cfg) or None,
-                                     position_mode=cfg.model.position_mode)
-  return model, load_tokenizer(path)
-
-
-def load_tokenizer(path: str):
-  """The checkpoint's tokenizer (transformers AutoTokenizer); from a bucket its files are read through a local
-  copy (without the weights)."""
-  from transformers import AutoTokenizer
-  with files.local_view(path, skip_suffixes=(".safetensors",)) as local:
-    return AutoTokenizer.from_pretrained(local)
-
-
-def save_tokenizer(tokenizer, path: str) -> None:
-  """tokenizer.save_pretrained(path); into a bucket through a local folder."""
-  with files.local_output(path) as local:
-    tokenizer.save_pretrained(local)
+                                     position_mode=cfg.model.position_mode, remat=cfg.model.remat)
+  return model, tokenizers.load_tokenizer(path)
 
 
 def _mesh(cfg: ConfigDict, mesh):

@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 
 from recall_jax import files, parallel
 from recall_jax.data.synthetic import generate_world
-from recall_jax.models import qwen2_5_vl
+from recall_jax.models import qwen2_5_vl, tokenizers
 from recall_jax.stages.tokenizer_corpus import world_corpus
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
 from recall_jax.models.qwen2_5_vl.world_tokenizer import build_world_tokenizer
@@ -62,7 +62,7 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
     tokenizer = _tiny_tokenizer(cfg, workdir, model_cfg.text.vocab_size)
     model = qwen2_5_vl.Qwen25VLModel(model_cfg, rngs=nnx.Rngs(cfg.model.init_seed))
     qwen2_5_vl.save_pretrained(model, path)
-    common.save_tokenizer(tokenizer, path)
+    tokenizers.save_tokenizer(tokenizer, path)
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     manifest["checkpoint"] = {"path": path, "params": int(n), "random_init_seed": cfg.model.init_seed,
                               "tokenizer": cfg.model.tiny_tokenizer, "vocab_size": len(tokenizer),

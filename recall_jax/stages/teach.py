@@ -41,7 +41,7 @@ from recall_jax.data import pipeline
 from recall_jax.generate import sft
 from recall_jax.data.synthetic.attributes import ATTRIBUTES, CATEGORIES, VALUES
 from recall_jax.data.synthetic.oracle import Oracle
-from recall_jax.models import lora, qwen2_5_vl
+from recall_jax.models import lora, qwen2_5_vl, tokenizers
 from recall_jax.stages import artifacts, common, data_source, paths, teach_cache
 from recall_jax.train import generative, settings, trainer, vision_pretrain
 
@@ -173,7 +173,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, mesh=None) -> dict:
   path = os.path.join(out, CHECKPOINT)
   if parallel.is_writer():
     qwen2_5_vl.save_pretrained(model, path)
-    common.save_tokenizer(tokenizer, path)
+    tokenizers.save_tokenizer(tokenizer, path)
   quality = None
   if t.quality.enabled:
     from recall_jax.stages import foundation_quality

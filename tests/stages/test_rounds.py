@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import tiny as demo
-from recall_jax import main
+from recall_jax import main, parallel
 from recall_jax.eval import embeddings
 from recall_jax.stages import artifacts, calibrate, common, evaluate, mine, refine, report
 
@@ -118,10 +118,11 @@ def test_round_two_embeds_with_the_refined_model_not_a_stale_cache(looped):
   assert first["cirr"] != second["cirr"]
   # Embedding the train split afresh with each round's retriever reproduces exactly what that round mined with.
   split = common.read_splits(cfg, workdir, cfg.mine.split)[0]
+  mesh = parallel.mesh_from_config(cfg)  # mine's: another layout adds in other orders
   for stage, want in (("adapt", first), ("refine", second)):
     model, tokenizer, _ = common.load_retriever(cfg, workdir, stage)
     q, g = embeddings.embed_split(model, split, tokenizer=tokenizer, encode_cfg=common.encode_config(cfg),
-                                  batch_size=cfg.mine.batch_size)
+                                  batch_size=cfg.mine.batch_size, mesh=mesh)
     assert embeddings.fingerprint(q, g) == want["cirr"], stage
 
 
