@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.tiny_tokenizer = "bytes"
   c.model.dtype = "bfloat16"  # base weights; adapters are always fp32
   c.model.position_mode = "mrope"  # mrope | sequential
+  # Activation checkpointing of each decoder layer / vision block in training: none | full | dots | dots_no_batch
+  # (recall_jax/models/remat.py). Memory for about one more forward.
+  c.model.remat = "none"
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "cirr"  # fashioniq | cirr | circo

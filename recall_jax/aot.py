@@ -87,10 +87,11 @@ def gpu_target():
 def model_config(cfg):
   """(Qwen25VLConfig, where it came from): config.json of config model.checkpoint, else Qwen2.5-VL-7B's shapes."""
   from recall_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+  run = dict(position_mode=cfg.model.position_mode, remat=cfg.model.remat)  # the run's choices, not the checkpoint's
   if cfg.model.checkpoint:
-    return (Qwen25VLConfig.from_pretrained(cfg.model.checkpoint).replace(position_mode=cfg.model.position_mode),
+    return (Qwen25VLConfig.from_pretrained(cfg.model.checkpoint).replace(**run),
             f"{cfg.model.checkpoint}/config.json")
-  return Qwen25VLConfig(position_mode=cfg.model.position_mode), "Qwen2.5-VL-7B shapes (model.checkpoint unset)"
+  return Qwen25VLConfig(**run), "Qwen2.5-VL-7B shapes (model.checkpoint unset)"
 
 
 def reduced(model_cfg, pairs: int):
@@ -177,8 +178,7 @@ def advice(program: str, cfg, mem: dict[str, int], chip: Chip, mesh) -> str:
   levers = {
       "train": [f"lower train.chunk_size (GradCache: activations of one chunk, now {cfg.train.chunk_size} examples, "
                 f"{max(1, cfg.train.chunk_size // shards)} per chip)", fsdp,
-                "activation checkpointing: the project has no remat switch (no jax.checkpoint in "
-                "models/qwen2_5_vl), so that is code to add around each decoder layer / vision block"],
+                f"activation checkpointing: model.remat = 'full' or 'dots_no_batch' (now {cfg.model.remat!r})"],
       "prefill": [f"lower calibrate.batch_size (now {cfg.calibrate.batch_size}) or calibrate.prompt_lengths / "
                   "max_new_tokens (the KV cache)", fsdp],
       "embed": [f"lower eval.batch_size / mine.batch_size (now {cfg.eval.batch_size} / {cfg.mine.batch_size})", fsdp],

@@ -36,7 +36,7 @@ def _enums() -> dict[str, Sequence[Any]]:
   from recall_jax.generate import sft
   from recall_jax.data.readers import common as readers
   from recall_jax.generate import decide, parse
-  from recall_jax.models import lora
+  from recall_jax.models import lora, remat
   from recall_jax.stages import calibrate, common, data_source, mine, prepare, refine
   return {
       "data.dataset": ("fashioniq", "cirr", "circo"),
@@ -45,6 +45,7 @@ def _enums() -> dict[str, Sequence[Any]]:
       "eval.split": ("train", "val", "test"),
       "model.dtype": tuple(sorted(common.DTYPES)),
       "model.position_mode": ("mrope", "sequential"),
+      "model.remat": tuple(remat.POLICIES),
       "model.tiny_tokenizer": prepare.TOKENIZERS,
       "lora.init": lora.INITS,
       "teach.lora.init": lora.INITS,

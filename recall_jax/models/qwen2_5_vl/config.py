@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any, Literal
 
+from recall_jax.models.remat import RematPolicy
+
 PositionMode = Literal["mrope", "sequential"]
 
 
@@ -75,6 +77,9 @@ class Qwen25VLConfig:
   # "mrope": Qwen2.5-VL's 3-D positions; "sequential": plain 1-D positions for every token (what the
   # released ReCALL code ends up using).
   position_mode: PositionMode = "mrope"
+  # Activation checkpointing of every decoder layer and vision block in training (models/remat.py); a run choice,
+  # not part of the checkpoint: config model.remat.
+  remat: RematPolicy = "none"
 
   def replace(self, **kw) -> "Qwen25VLConfig":
     return dataclasses.replace(self, **kw)

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.typing import DTypeLike
 
+from recall_jax.models import remat
 from recall_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from recall_jax.models.qwen2_5_vl.positions import position_ids_for
 from recall_jax.models.qwen2_5_vl.text import TextModel
@@ -58,8 +59,9 @@ class Qwen25VLModel(nnx.Module):
                        f"{cfg.text.hidden_size}")
     self.cfg = cfg
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.visual = VisionTransformer(cfg.vision, **kw)
-    self.language_model = TextModel(cfg.text, **kw)
+    remat.check(cfg.remat)
+    self.visual = VisionTransformer(cfg.vision, remat=cfg.remat, **kw)
+    self.language_model = TextModel(cfg.text, remat=cfg.remat, **kw)
     if not cfg.tie_word_embeddings:
       self.lm_head = nnx.Linear(cfg.text.hidden_size, cfg.text.vocab_size, use_bias=False, **kw)
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
 
+from recall_jax.models import remat as remat_lib
 from recall_jax.models.qwen2_5_vl import rope
 from recall_jax.models.qwen2_5_vl.config import TextConfig
 from recall_jax.models.qwen2_5_vl.layers import RMSNorm, SwiGLUMLP
@@ -97,9 +98,10 @@ class TextModel(nnx.Module):
   """Token embedding, decoder layers and the final RMSNorm (transformers' Qwen2_5_VLTextModel)."""
 
   def __init__(self, cfg: TextConfig, *, dtype: DTypeLike = jnp.float32, param_dtype: DTypeLike = jnp.float32,
-               rngs: nnx.Rngs):
+               remat: str = "none", rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = dtype
+    self.remat = remat_lib.check(remat)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, **kw)
     self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
@@ -127,11 +129,13 @@ class TextModel(nnx.Module):
         raise ValueError(f"a KV cache of {cache.length} slots cannot take {length} tokens")
       valid, index, layer_caches = cache.written_mask(attention_mask), cache.index, cache.layers
       mask = causal_mask(valid, index + jnp.arange(length))
+    if cache is None:  # the training / embedding forward
+      for layer in self.layers:
+        x, _ = remat_lib.call(layer, self.remat, x, cos, sin, mask)
+      return self.norm(x)
     written = []
     for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
       x, layer_cache = layer(x, cos, sin, mask, layer_cache, index)
       written.append(layer_cache)
     x = self.norm(x)
-    if cache is None:
-      return x
     return x, cache.replace(layers=tuple(written), mask=valid, index=index + length)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
 
+from recall_jax.models import remat as remat_lib
 from recall_jax.models.qwen2_5_vl.config import VisionConfig
 from recall_jax.models.qwen2_5_vl.layers import RMSNorm, SwiGLUMLP
 from recall_jax.models.qwen2_5_vl.rope import rotate_half
@@ -143,7 +144,7 @@ class VisionTransformer(nnx.Module):
   """Qwen2.5-VL vision tower: patch embed -> blocks (window / full attention) -> patch merger."""
 
   def __init__(self, cfg: VisionConfig, *, dtype: DTypeLike = jnp.float32, param_dtype: DTypeLike = jnp.float32,
-               rngs: nnx.Rngs):
+               remat: str = "none", rngs: nnx.Rngs):
     bad = [i for i in cfg.fullatt_block_indexes if not 0 <= i < cfg.depth]
     if bad:
       raise ValueError(f"vision fullatt_block_indexes {bad} out of range for depth {cfg.depth}")
@@ -151,6 +152,7 @@ class VisionTransformer(nnx.Module):
       raise ValueError(f"vision head_dim {cfg.head_dim} must be a multiple of 4 for the 2-D rotary embedding")
     self.cfg = cfg
     self.dtype = dtype
+    self.remat = remat_lib.check(remat)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.patch_embed = PatchEmbed(cfg, **kw)
     self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
@@ -169,5 +171,5 @@ class VisionTransformer(nnx.Module):
     full = tuple(geometry[f"full_{k}"] for k in ("gather", "lengths", "scatter"))
     x = self.patch_embed(pixel_values.astype(self.dtype))
     for i, block in enumerate(self.blocks):
-      x = block(x, cos, sin, *(full if i in self.cfg.fullatt_block_indexes else window))
+      x = remat_lib.call(block, self.remat, x, cos, sin, *(full if i in self.cfg.fullatt_block_indexes else window))
     return self.merger(x)
