@@ -33,12 +33,23 @@ def check(policy: str) -> str:
   return policy
 
 
-def _call(block: nnx.Module, *args: Any) -> Any:
-  return block(*args)
-
-
 def call(block: nnx.Module, policy: str, *args: Any) -> Any:
-  """block(*args), under jax.checkpoint with `policy` unless it is "none"."""
+  """block(*args), under jax.checkpoint with `policy` unless it is "none".
+
+  The block runs as a pure function of its state (split / merge around `jax.checkpoint`) rather than through
+  `nnx.remat`, which writes every variable back afterwards and so fails on parameters that are tracers of an outer
+  transform (the training step's grad / GradCache's vjp): "Cannot mutate Param from a different trace level". What
+  the block may change (dropout's RNG counts) is written back; its parameters are not.
+  """
   if policy == "none":
     return block(*args)
-  return nnx.remat(_call, policy=POLICIES[policy])(block, *args)
+  graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+
+  def pure(params, rest, *args):
+    module = nnx.merge(graphdef, params, rest)
+    out = module(*args)
+    return out, nnx.state(module, nnx.Not(nnx.Param))
+
+  out, rest = jax.checkpoint(pure, policy=POLICIES[policy])(params, rest, *args)
+  nnx.update(block, rest)
+  return out

@@ -98,6 +98,15 @@ def _grads(model, cfg, batch, *, num_chunks=1, mesh=None, rules=()):
   return float(loss), {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(nnx.State(grads))}
 
 
+def _remat_grads(model, cfg, batch, **kw):
+  """`_grads` with every decoder layer and vision block under full activation checkpointing (config model.remat)."""
+  model.language_model.remat = model.visual.remat = "full"
+  try:
+    return _grads(model, cfg, batch, **kw)
+  finally:
+    model.language_model.remat = model.visual.remat = "none"
+
+
 def test_the_steps_randomness_comes_from_the_carried_key_and_step(fashioniq_train):
   """LoRA dropout: the same (rng, step) gives bit-identical updates, another rng or another step other ones."""
   cfg = _cfg(dropout=0.5)
@@ -156,7 +165,8 @@ def test_gradcache_and_sharding_equal_the_plain_step(fashioniq_train, tmp_path):
   scale = max(np.abs(g).max() for g in ref.values())
   for name, (loss, grads) in {
       "gradcache": _grads(plain, cfg, batch, num_chunks=4),
-      "sharded": _grads(plain, cfg, batch, mesh=parallel.make_mesh((4, 2, 1)), rules=FSDP_RULES)}.items():
+      "sharded": _grads(plain, cfg, batch, mesh=parallel.make_mesh((4, 2, 1)), rules=FSDP_RULES),
+      "remat, gradcache": _remat_grads(plain, cfg, batch, num_chunks=4)}.items():
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=name)
     assert grads.keys() == ref.keys()
     for k in ref:
