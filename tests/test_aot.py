@@ -60,7 +60,7 @@ def test_a_step_that_does_not_fit_fails_naming_what_to_change(plan):
   run, result = plan
   assert run.returncode == 1, run.stderr[-3000:]
   (message,) = result["failures"]
-  for lever in ("train.chunk_size", "sharding.rules", "no remat switch"):
+  for lever in ("train.chunk_size", "sharding.rules", "model.remat"):
     assert lever in message
   assert message in run.stderr
 
