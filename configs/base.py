@@ -131,7 +131,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Phase 1: the vision tower classifies the training images' attributes (0 steps: skipped; a real F's tower is
   # pretrained already).
   c.teach.vision = ml_collections.ConfigDict(
-      {"steps": 0, "batch_size": 64, "lr": 3e-3, "log_every": 100, "val_images": 256})
+      {"steps": 0, "batch_size": 64, "lr": 3e-3, "log_every": 100, "val_images": 256,
+       # new renders of the synthetic world's generator beside the training images (training combinations only;
+       # the stand-in for a real tower's pretraining corpus): 0 = the training split's images alone
+       "fresh_images": 0})
   # F's quality on the val split against the oracle, recorded in the manifest (synthetic world only).
   c.teach.quality = ml_collections.ConfigDict(
       {"enabled": False, "vqa_images": 240, "rewrite_queries": 96, "verify_queries": 48})

@@ -76,6 +76,7 @@ _RANGES = {
     "teach.batch_size": (1, None, True, True),
     "teach.steps": (1, None, True, True),
     "teach.decision_weight": (0.0, None, False, True),
+    "teach.vision.fresh_images": (0, None, True, True),
     "calibrate.batch_size": (1, None, True, True),
     "calibrate.max_new_tokens": (1, None, True, True),
     "calibrate.max_records": (0, None, True, True),
@@ -155,6 +156,9 @@ def problems(cfg: ConfigDict, stages: Sequence[str], mesh: Any = None) -> list[s
     tasks = _get(cfg, "teach.tasks")
     if tasks is not _MISSING and not tasks:
       out.append("config teach.tasks is empty: the teach stage needs at least one task")
+  if "teach" in base and _get(cfg, "teach.vision.fresh_images") not in (_MISSING, 0) and cfg.data.root:
+    out.append(f"config teach.vision.fresh_images = {cfg.teach.vision.fresh_images} renders the synthetic world, but "
+               f"data.root = {cfg.data.root!r} is a real dataset: set it to 0")
   if "mine" in base and _get(cfg, "mine.strategy") == "random" and cfg.mine.random_pool < cfg.mine.max_per_query:
     out.append(f"config mine.random_pool = {cfg.mine.random_pool} must be >= mine.max_per_query = "
                f"{cfg.mine.max_per_query}")

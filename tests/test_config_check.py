@@ -72,3 +72,14 @@ def test_every_problem_is_listed_at_once_and_batch_shards_are_checked():
   cfg = demo.get_config()
   cfg.model.checkpoint = None
   assert "model.checkpoint is required" in config_check.problems(cfg, ["adapt"])[0]
+
+
+def test_fresh_renders_need_the_synthetic_world():
+  cfg = demo.get_config()
+  cfg.teach.vision.fresh_images = 100
+  assert config_check.problems(cfg, ["teach"]) == []
+  cfg.data.root = "/data/fashioniq"
+  assert config_check.problems(cfg, ["teach"]) == [
+      "config teach.vision.fresh_images = 100 renders the synthetic world, but data.root = '/data/fashioniq' is a "
+      "real dataset: set it to 0"]
+  assert config_check.problems(cfg, ["adapt"]) == []  # only the teach stage renders
