@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 from flax import nnx
 from ml_collections import ConfigDict

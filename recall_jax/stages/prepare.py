@@ -18,7 +18,7 @@ from recall_jax.models import qwen2_5_vl, tokenizers
 from recall_jax.stages.tokenizer_corpus import world_corpus
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
 from recall_jax.models.qwen2_5_vl.world_tokenizer import build_world_tokenizer
-from recall_jax.stages import common, data_source
+from recall_jax.stages import data_source
 from recall_jax.stages.paths import checkpoint_dir, world_root
 
 TOKENIZERS = ("world", "bytes")

@@ -114,7 +114,7 @@ def test_fashioniq_missing_image_strict_and_skip(copy, caplog):
     (s,) = read_fashioniq(root, "val", categories=("dress",), on_error="skip")
   assert q.target not in s.gallery
   bad_queries = [src for src, _ in s.skipped if "cap.dress.val.json" in src]
-  assert bad_queries and f"cap.dress.val.json#1" in " ".join(bad_queries)
+  assert bad_queries and "cap.dress.val.json#1" in " ".join(bad_queries)
   assert all(q.target not in x.targets for x in s.queries)
   assert "skipped" in caplog.text and str(len(s.skipped)) in caplog.text
 
