@@ -7,6 +7,17 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # The suite is a CPU suite; with libtpu installed (for the AOT plan's test) JAX would first probe for a TPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One persistent compilation cache per test session, made by the first process that loads this file (the xdist
+# controller, before it starts the workers, which inherit it): the suite compiles the same tiny programs in many
+# tests and in the stage subprocesses of test_kill_faults (alone: 500 s -> 270 s). Executables are keyed by their
+# program, flags and devices, so a hit runs what a compilation would have produced.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="recall_jax_test_jit_")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 
 import jax  # noqa: E402
 
