@@ -12,7 +12,9 @@ from configs import demo as demo_config
 from configs import tiny as demo
 from recall_jax import main, parallel
 from recall_jax.models import qwen2_5_vl
+from recall_jax.data.synthetic import fresh
 from recall_jax.stages import artifacts, common, paths, teach, teach_cache
+from recall_jax.train import vision_pretrain
 
 
 def _config(trainable_regex):
@@ -73,6 +75,27 @@ def test_full_fine_tuning_writes_the_checkpoint_calibrate_uses(prepared, tmp_pat
   assert base.keys() == taught.keys()
   for name in ("language_model.embed_tokens.embedding", "lm_head.kernel", "visual.patch_embed.proj.kernel"):
     assert not np.array_equal(base[name], taught[name]), name
+
+
+def test_the_vision_phase_adds_fresh_renders_with_their_labels(prepared, tmp_path, monkeypatch):
+  cfg = _config(".*")
+  cfg.teach.vision.update({"steps": 1, "batch_size": 2, "val_images": 0, "fresh_images": 5})
+  seen = {}
+
+  def pretrain(model, pixels, grid, labels, classes, vcfg, val=None):
+    seen.update(pixels=pixels, labels=labels)
+    return {"steps": vcfg.steps}
+
+  monkeypatch.setattr(teach.vision_pretrain, "pretrain_vision", pretrain)
+  splits = common.read_splits(cfg, prepared, "train")
+  n = len({name for s in splits for name in s.images})
+  model, _ = common.load_base_model(cfg, prepared, paths.checkpoint_dir(cfg, prepared))
+  figures = teach.teach_vision(model, cfg, prepared, str(tmp_path / "teach"), splits)
+  assert figures["images"] == n and figures["fresh_images"] == 5 and len(seen["pixels"]) == n + 5
+  garments = fresh.fresh_garments(5, (cfg.world.seed, cfg.seed))
+  expected = vision_pretrain.labels_for(dict(enumerate(garments)), range(5), teach.VISION_ATTRIBUTES, teach._VALUES)
+  np.testing.assert_array_equal(seen["labels"][n:], expected)
+  assert np.abs(seen["pixels"][n:] - seen["pixels"][n - 1]).max() > 0  # rendered images, not copies or blanks
 
 
 def test_lora_is_merged_into_the_targets_only(prepared, tmp_path):
