@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 32
 
   # Teaching F (before Stage 1, which starts from F): vision phase, then full fine-tuning on all four tasks with
-  # describe-then-decide answers (~30 min on 2 cores; launch/demo.sh caches it, teach.cache_dir). Nothing here was
+  # describe-then-decide answers (42 min on 2 cores; launch/demo.sh caches it, teach.cache_dir). Nothing here was
   # selected on val: the vision recipe on 20% of the training images held out (trained on the other 80% plus the
   # fresh renders): 1,000 steps on the split's images alone read category 0.75 / neckline 0.49 (memorised); with
   # 8,000 fresh renders 0.87 / 0.53; 2,500 steps with them 0.95 / 0.83 (pattern 0.97, sleeves and length 0.99).
