@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   # chance (teacher-forced P(yes) 0.57 vs 0.41 on train, never >= 0.95); at 20 they move within 300 steps.
   c.teach.decision_weight = 20.0
   c.teach.repeats = ml_collections.ConfigDict({"rewrite": 2})  # 1,050 rewrites beside 6,584 questions
-  c.teach.lengths = (64, 224)  # questions; verifications and staged-CoT rewrites (compact prompts: <= ~220 tokens)
+  c.teach.lengths = (64, 256)  # questions; verifications (<= ~250 tokens with their checks) and staged-CoT rewrites
   c.teach.batch_size = 32
   c.teach.steps = 1500
   c.teach.trainable_regex = ".*"  # a tiny random model: everything moves
@@ -73,8 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
   # The compact templates: a tiny F reads no instructions, so its sequences hold the pictures and the text, not ~350
   # tokens of rules (a 7B config keeps the packaged, paper-style prompts).
   c.calibrate.prompt_dir = "compact"
-  c.calibrate.prompt_lengths = (160, 256)  # compact prompts <= ~150 tokens; a verify prompt + its reading <= ~220
-  c.calibrate.describe_max_tokens = 96  # a verification's reading (captions, change, asked change) is <= ~80 tokens
+  c.calibrate.prompt_lengths = (160, 256)  # compact prompts <= ~150 tokens; a verify prompt + its reading <= ~250
+  c.calibrate.describe_max_tokens = 112  # a verification's reading (captions, asked caption, checks) is <= 106 tokens
   c.calibrate.max_new_tokens = 80  # a staged answer (two captions + the new text) is <= ~70 tokens
   c.calibrate.verify_reasoning = "describe"
   # The paper's staged CoT: F captions both pictures, then writes the new text (it is taught no intent list).

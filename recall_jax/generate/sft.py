@@ -20,13 +20,18 @@ Four tasks, all built from the training split's scene graphs (`Oracle`):
 
 Reasoning (SFTConfig.reasoning): "direct" answers as above. "describe" has the model read the pictures before it
 decides, in text: a yes/no answer becomes "<what the picture shows>. Answer: yes" (the asked attribute's value for a
-question; for a verification both pictures' captions, after CHANGE_MARKER the change between them and after
-ASKED_MARKER the change the text asks, both in the canonical wording, so that the decision is whether the two are
-the same), and a rewrite's JSON starts with a "visual_summary" holding
-both captions. A tiny model learns to read an image into words quickly (captioning is a direct map) but not the
-image-question conjunction of a bare yes/no (it first learns to ignore the image; shared environment notes); once
-the facts are words, the decision is a comparison of words. Stage 3 then decodes the description and reads P(yes)
-after `ANSWER_MARKER` (calibrate.verify_reasoning).
+question; for a verification Picture 1's caption, after ASKED_MARKER the caption of the garment the text asks for
+(the reference with the text's changes applied), Picture 2's caption, then after CHECK_MARKER one "<attribute>
+same|differs" per attribute of the asked garment against Picture 2, so that the decision is whether every check says
+"same"), and a rewrite's JSON starts with a "visual_summary" holding both captions. A tiny model learns to read an
+image into words quickly (captioning is a direct map) but not the image-question conjunction of a bare yes/no (it
+first learns to ignore the image; shared environment notes); once the facts are words, the decision is a comparison
+of words. The per-attribute checks make that comparison local. A text-only probe at the demo's model size
+(`probes/verify_reading.py`: the captions given as text, 80% of the train queries to train, 20% to measure, 600
+steps of 32) decided from the oracle's readings at 1.00 (every P(yes) on the right side of 0.95) after 200 steps,
+where a reading that compared two change lists ("Change: <picture 1 -> 2>. Asked: <the text's change>") reached 0.86
+and 0.55 at 0.95 after 600; writing its own reading, it agreed with the oracle on 0.71 of the held-out items. Stage
+3 then decodes the description and reads P(yes) after `ANSWER_MARKER` (calibrate.verify_reasoning).
 
 An example is a chat prompt ending with the assistant header, followed by the answer and <|im_end|>. Prompt and
 answer are tokenised separately (so the answer's tokens are those the model generates after the header) and the
@@ -64,9 +69,10 @@ TASKS = ("caption", "vqa", "rewrite", "verify")
 DECISION_TASKS = ("vqa", "verify")  # answers that end in a yes/no decision token
 REASONING = ("direct", "describe")
 ANSWER_MARKER = "Answer:"  # "describe" reasoning: the yes/no word follows it
-CHANGE_MARKER = "Change:"  # a describe verification: the canonical change reference -> candidate follows it
-ASKED_MARKER = "Asked:"  # ... then the change the text asks, in the same wording
-NO_CHANGE = "none"
+ASKED_MARKER = "Asked:"  # a describe verification: the caption of the garment the text asks for follows it
+CHECK_MARKER = "Check:"  # ... then "<attribute> same|differs" per CHECKED attribute, against Picture 2
+CHECKED = ("category",) + ATTRIBUTES
+SAME, DIFFERS = "same", "differs"
 CAPTION_INSTRUCTION = "Describe the garment."
 ANSWER_END = prompts.IM_END
 EDIT_VARIANTS = 16  # paraphrases of each oracle edit tried for the most minimal rewrite
@@ -184,31 +190,29 @@ def two_picture_summary(oracle: Oracle, first: str, second: str) -> str:
   return f"Picture 1: {oracle.describe(first)}. Picture 2: {oracle.describe(second)}"
 
 
-def change_text(oracle: Oracle, first: str, second: str) -> str:
-  """The change first -> second in the canonical wording (`canonical_edit`); "none" for the same garment."""
-  a, b = oracle.garment(first), oracle.garment(second)
-  return canonical_edit(a, b) if a.diff(b) else NO_CHANGE
+def asked_garment(oracle: Oracle, reference: str, text: str):
+  """The garment `text` asks for from the reference (oracle_lib.implied), or None when it pins down no single garment
+  of the reference's category (then no verification example is built on it)."""
+  wanted = oracle_lib.implied(oracle.garment(reference), text)
+  return None if wanted is None or wanted.category != oracle.garment(reference).category else wanted
 
 
-def asked_text(oracle: Oracle, reference: str, text: str) -> Optional[str]:
-  """The change `text` asks of the reference in the canonical wording ("none" when it asks none), or None when the
-  text pins down no single garment of the reference's category (then no verification example is built on it)."""
-  ref = oracle.garment(reference)
-  wanted = oracle_lib.implied(ref, text)
-  if wanted is None or wanted.category != ref.category:
-    return None
-  return canonical_edit(ref, wanted) if ref.diff(wanted) else NO_CHANGE
+def attribute_checks(asked, candidate) -> str:
+  """"category same, colour differs, ...": each CHECKED attribute of the asked garment against the candidate's."""
+  return ", ".join(f"{a} {SAME if asked.get(a) == candidate.get(a) else DIFFERS}" for a in CHECKED)
 
 
 def verify_summary(oracle: Oracle, reference: str, candidate: str, text: str) -> Optional[str]:
-  """A describe-reasoning verification's reading: both captions, the change between the pictures, then the change
-  the text asks, both in the canonical wording the staged rewrite writes. The decision is then whether two texts F
-  wrote itself are the same (oracle.judge holds exactly then; build_examples checks it). None as asked_text."""
-  asked = asked_text(oracle, reference, text)
+  """A describe-reasoning verification's reading: Picture 1's caption, the caption of the garment the text asks for,
+  Picture 2's caption, then the per-attribute checks of the asked garment against Picture 2. The asked caption comes
+  before Picture 2's, so that it is worked out from Picture 1 and the text: written after it, a tiny model copies
+  Picture 2's caption (half of the items ask for exactly Picture 2) and says yes. oracle.judge holds exactly when
+  every check is "same" (build_examples checks it). None as asked_garment."""
+  asked = asked_garment(oracle, reference, text)
   if asked is None:
     return None
-  return (f"{two_picture_summary(oracle, reference, candidate)}. {CHANGE_MARKER} "
-          f"{change_text(oracle, reference, candidate)}. {ASKED_MARKER} {asked}")
+  return (f"Picture 1: {oracle.describe(reference)}. {ASKED_MARKER} {language.describe_garment(asked)}. "
+          f"Picture 2: {oracle.describe(candidate)}. {CHECK_MARKER} {attribute_checks(asked, oracle.garment(candidate))}")
 
 
 def value_phrase(attr: str, value: str) -> str:
@@ -307,8 +311,8 @@ def build_examples(queries: Sequence[Query], images: Mapping[str, str], cfg: SFT
             summary = verify_summary(oracle, q.reference, candidate, t)
             if summary is None:
               continue
-            change, asked = summary.split(f". {CHANGE_MARKER} ")[1].split(f". {ASKED_MARKER} ")
-            if (change == asked) != yes:
+            checks = summary.split(f". {CHECK_MARKER} ")[1]
+            if (DIFFERS not in checks) != yes:
               raise DataError(f"the verification reading of {q.qid!r} ({summary!r}) disagrees with oracle.judge")
           answer = decision_answer(summary, yes) if describe else "yes" if yes else "no"
           out.append(Example("verify", (q.reference, candidate), prompt_files.two_picture_prompt(verify_t, t), answer, q.qid))

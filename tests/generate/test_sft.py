@@ -10,7 +10,8 @@ import pytest
 from recall_jax.data import pipeline, prompts
 from recall_jax.generate import sft
 from recall_jax.data.image import ImageBuckets
-from recall_jax.data.synthetic import Oracle
+from recall_jax.data.synthetic import Oracle, language
+from recall_jax.data.synthetic import oracle as oracle_lib
 from recall_jax.generate import parse, prompt_files
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
 
@@ -158,15 +159,18 @@ def test_describe_reasoning_puts_the_facts_in_words_before_deciding(fashioniq_tr
       description, decision = e.answer.split(f". {sft.ANSWER_MARKER} ")
       text = e.prompt.split('Instruction: "')[1].split('"\n')[0]
       assert description == sft.verify_summary(oracle, *e.images, text)
-      captions, rest = description.split(f". {sft.CHANGE_MARKER} ")
-      change, asked = rest.split(f". {sft.ASKED_MARKER} ")
-      assert captions == sft.two_picture_summary(oracle, *e.images)
+      first, rest = description.split(f". {sft.ASKED_MARKER} ")
+      asked, rest = rest.split(". Picture 2: ")
+      second, checks = rest.split(f". {sft.CHECK_MARKER} ")
+      assert (first, second) == (f"Picture 1: {oracle.describe(e.images[0])}", oracle.describe(e.images[1]))
       reference, candidate = (oracle.garment(n) for n in e.images)
-      assert change == sft.canonical_edit(reference, candidate)  # the change reference -> candidate, canonical
-      assert oracle.judge(e.images[0], change, e.images[1])
-      assert asked == sft.asked_text(oracle, e.images[0], text)
+      wanted = oracle_lib.implied(reference, text)
+      assert asked == language.describe_garment(wanted)  # the garment the text asks for, as a caption
+      assert oracle.judge(e.images[0], text, e.images[1]) == (wanted == candidate)
+      assert checks == ", ".join(f"{a} {'same' if wanted.get(a) == candidate.get(a) else 'differs'}"
+                                 for a in ("category", "colour", "pattern", "sleeves", "length", "neckline"))
       assert decision == ("yes" if oracle.judge(e.images[0], text, e.images[1]) else "no") == (
-          "yes" if change == asked else "no")  # the decision is whether the two changes are the same
+          "no" if "differs" in checks else "yes")  # the decision is whether every check says "same"
     if e.task == "rewrite":
       answer = json.loads(e.answer)
       assert list(answer) == ["visual_summary", "segments"]  # the summary is written first
