@@ -1,12 +1,13 @@
-"""Forward throughput of the Flax Qwen2.5-VL against the transformers PyTorch reference, measured in the same run.
+"""Gallery embedding throughput (images/s) of the Flax Qwen2.5-VL against the transformers PyTorch reference,
+interleaved in the same run (`benchmarks/interleave.py`).
 
 Same random weights (a checkpoint saved by transformers and loaded with our from_pretrained), same inputs (a batch of
 retrieval-style prompts, one image each), final hidden states only (what the embedding model uses), fp32, on
 whatever device each framework has here (CPU on the dev machines; run it on a GPU machine for GPU figures).
 
-  .venv/bin/python benchmarks/forward_vs_transformers.py [--batch 8] [--image 224] [--text 96] [--layers 4]
+  .venv/bin/python -m benchmarks.forward_vs_transformers [--batch 8] [--image 224] [--text 96] [--layers 4]
 
-Writes benchmarks/results/forward_<platform>.json with both timings and the ratio (reference / ours).
+Writes benchmarks/results/forward_<platform>.json: images/s of each side and the interleaved ratio.
 """
 
 from __future__ import annotations
@@ -15,25 +16,16 @@ import argparse
 import json
 import os
 import tempfile
-import time
 
 import jax
 import numpy as np
 import torch
 from flax import nnx
 
+from benchmarks import interleave
 from recall_jax.models import embedding
 from recall_jax.models import qwen2_5_vl
 from recall_jax.models.qwen2_5_vl.positions import get_rope_index
-
-
-def _median_seconds(fn, reps: int) -> float:
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def main() -> None:
@@ -43,7 +35,7 @@ def main() -> None:
   ap.add_argument("--text", type=int, default=96, help="text tokens per prompt")
   ap.add_argument("--layers", type=int, default=4)
   ap.add_argument("--hidden", type=int, default=512)
-  ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--repeats", type=int, default=11)
   args = ap.parse_args()
 
   cfg = qwen2_5_vl.tiny_config(
@@ -75,8 +67,6 @@ def main() -> None:
   graphdef, state = nnx.split(model)
   fwd = jax.jit(lambda g, s, x: embedding.embed(nnx.merge(g, s), x), static_argnums=0)
   ours = lambda: jax.block_until_ready(fwd(graphdef, state, inputs))
-  ours()  # compile
-  t_ours = _median_seconds(ours, args.reps)
 
   pos, _ = get_rope_index(ids, grid, mask, cfg)
   t_in = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
@@ -87,18 +77,15 @@ def main() -> None:
     with torch.no_grad():
       ref.model(**t_in)
 
-  theirs()
-  t_ref = _median_seconds(theirs, args.reps)
-
-  platform = jax.devices()[0].platform
+  timing = interleave.interleaved(ours, theirs, repeats=args.repeats)
   result = {
-      "platform": platform, "device": str(jax.devices()[0]), "torch_threads": torch.get_num_threads(),
+      "benchmark": "gallery embedding forward", "reference": "transformers", **interleave.machine(),
       "shapes": {"batch": args.batch, "image_px": args.image, "image_tokens": n_img, "text_tokens": args.text,
                  "seq_len": int(ids.shape[1]), "layers": args.layers, "hidden": args.hidden},
-      "seconds_per_batch": {"recall_jax": t_ours, "transformers": t_ref},
-      "speedup_vs_transformers": t_ref / t_ours,
+      "images_per_s": {side: args.batch / timing["seconds"][side]["median"] for side in ("recall_jax", "reference")},
+      **timing,
   }
-  out = os.path.join(os.path.dirname(__file__), "results", f"forward_{platform}.json")
+  out = os.path.join(os.path.dirname(__file__), "results", f"forward_{result['platform']}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     json.dump(result, f, indent=1)
