@@ -167,13 +167,15 @@ def contrastive_loss(batch: int, dim: int, triplet: bool) -> tuple[int, int]:
 
 
 def train_step(cfg: Qwen25VLConfig, *, batch: int, num_chunks: int, query_length: int, target_length: int,
-               grid: tuple[int, int, int], adapters: Adapters, triplet: bool = False) -> dict[str, int]:
+               grid: tuple[int, int, int], adapters: Adapters, triplet: bool = False,
+               target_grid: Optional[tuple[int, int, int]] = None) -> dict[str, int]:
   """One contrastive step (train/step.py): GradCache embeds every chunk once without gradients, then again under
-  vjp; one chunk embeds once, with the backward."""
+  vjp; one chunk embeds once, with the backward. `grid` is each image's (t, h, w) patch grid (the target side's is
+  `target_grid` when its bucket differs)."""
   chunk = batch // num_chunks
   passes = {"forward": 0, "backward": 0}
-  for length in (query_length, target_length):
-    fwd, bwd = embed_side(cfg, chunk, length, grid, adapters, differentiate=True)
+  for length, g in ((query_length, grid), (target_length, target_grid or grid)):
+    fwd, bwd = embed_side(cfg, chunk, length, g, adapters, differentiate=True)
     passes["forward"] += num_chunks * fwd * (2 if num_chunks > 1 else 1)
     passes["backward"] += num_chunks * bwd
   fwd, bwd = contrastive_loss(batch, cfg.text.hidden_size, triplet)

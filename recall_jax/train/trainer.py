@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from recall_jax import faults, parallel
+from recall_jax import faults, flops, hardware, parallel
 from recall_jax.data import pipeline
 from recall_jax.data.records import Query
 from recall_jax.models import lora, peft_io
@@ -36,6 +36,7 @@ from recall_jax.models.qwen2_5_vl import names as qwen_names
 from recall_jax.train import settings
 from recall_jax.train import step as step_lib
 from recall_jax.train.checkpoint import Checkpoints
+from recall_jax.train.compiles import CompileCounter
 from recall_jax.progress import Progress
 from recall_jax.train.logging import MetricWriter
 from recall_jax.train.preemption import Preempted, Preemption
@@ -90,6 +91,7 @@ class Objective:
   dataset: grain.MapDataset
   host_batch: Callable[[dict], tuple[dict, Any]]
   make_step: Callable[[nnx.GraphDef, optax.GradientTransformation], Callable]
+  flops: Optional[Callable[[dict], int]] = None  # pipeline batch -> analytic model FLOPs of the global step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +100,7 @@ class FitResult:
   best_step: Optional[int]
   best_metrics: Optional[dict]
   last_metrics: dict
-  compilations: int  # of the jitted step in this call: 1 when shapes stay static
+  compilations: int  # programs the step calls of this fit lowered (train/compiles.py): 1 with static shapes
   adapter_dir: Optional[str] = None  # `train`: where the PEFT export went (written once all steps are done)
 
 
@@ -129,9 +131,21 @@ def train(cfg: ConfigDict, model, tokenizer, queries: Sequence[Query], *, datase
     # The vision geometry is global (replicated): one model call embeds a chunk of the global batch.
     return step_lib.host_batch(model.cfg, batch, images_per_call=t.global_batch_size // num_chunks)
 
+  adapters = flops.Adapters(regex=cfg.lora.target_regex or qwen_names.LORA_TARGET_REGEX, rank=cfg.lora.rank,
+                            dora=cfg.lora.use_dora, dropout=cfg.lora.dropout > 0)
+
+  def step_flops(batch):
+    return flops.train_step(model.cfg, batch=t.global_batch_size, num_chunks=num_chunks,
+                            query_length=batch["query_input_ids"].shape[1],
+                            target_length=batch["target_input_ids"].shape[1],
+                            grid=tuple(int(g) for g in batch["query_image_grid_thw"][0]),
+                            target_grid=tuple(int(g) for g in batch["target_image_grid_thw"][0]),
+                            adapters=adapters, triplet=bool(loss.triplet_weight))["total"]
+
   objective = Objective(
       trainable=nnx.LoRAParam, dataset=ds, host_batch=host_batch,
-      make_step=lambda graphdef, tx: step_lib.make_train_step(graphdef, tx, loss, num_chunks=num_chunks))
+      make_step=lambda graphdef, tx: step_lib.make_train_step(graphdef, tx, loss, num_chunks=num_chunks),
+      flops=step_flops)
   result = fit(model, objective, loop=loop, optim=settings.optimizer(cfg.optim), seed=cfg.seed, out_dir=out_dir,
                eval_fn=eval_fn, mesh=mesh or parallel.mesh_from_config(cfg), stop_after=stop_after,
                sharding_rules=parallel.rules_from_config(cfg))
@@ -143,11 +157,17 @@ def train(cfg: ConfigDict, model, tokenizer, queries: Sequence[Query], *, datase
   return dataclasses.replace(result, adapter_dir=adapter_dir)
 
 
-def _pace(steps_per_s: float, loop: LoopConfig) -> dict[str, float]:
-  """Throughput since the loop (re)started: steps/s, and examples/s where the loop has a global batch size."""
+def _pace(steps_per_s: float, loop: LoopConfig, flops_per_step: Optional[int] = None,
+          peak: Optional[hardware.Peak] = None) -> dict[str, float]:
+  """Throughput since the loop (re)started: steps/s, examples/s where the loop has a global batch size, and with
+  the step's analytic model FLOPs the achieved model TFLOP/s and its fraction of the devices' peak (MFU)."""
   pace = {"steps_per_s": steps_per_s}
   if loop.global_batch_size:
     pace["examples_per_s"] = steps_per_s * loop.global_batch_size
+  if flops_per_step:
+    pace["model_tflops_per_s"] = steps_per_s * flops_per_step / 1e12
+    if peak is not None:
+      pace["mfu"] = steps_per_s * flops_per_step / peak.total
   return pace
 
 
@@ -186,6 +206,16 @@ def fit(model, objective: Objective, *, loop: LoopConfig, optim: OptimConfig, se
     log.info("[train] resumed from step %d (%s)", start, ckpt.latest_step())
 
   train_step = objective.make_step(graphdef, tx)
+  flops_per_step, peak = None, None
+  if objective.flops is not None:
+    peak = hardware.peak(mesh.devices.size)
+    if peak is None:
+      log.warning("[train] no peak FLOP/s known for device kind %r (recall_jax.hardware.CHIP_PEAKS): model TFLOP/s "
+                  "is logged, MFU is not", jax.devices()[0].device_kind)
+    else:
+      log.info("[train] MFU against %.1f TFLOP/s x %d devices (%s)", peak.flops_per_s / 1e12, peak.devices,
+               peak.source)
+  compiles = CompileCounter().start()
   writer = MetricWriter(out_dir, is_primary=parallel.is_writer())
   progress = Progress(t.steps)
   progress.start(start)
@@ -196,10 +226,13 @@ def fit(model, objective: Objective, *, loop: LoopConfig, optim: OptimConfig, se
     with Preemption(ckpt.reached_preemption) as preemption:
       for step in range(start, t.steps):
         batch = next(iterator)
+        if objective.flops is not None and flops_per_step is None:
+          flops_per_step = objective.flops(batch)
         arrays, geometry = objective.host_batch(batch)
         arrays = parallel.host_to_global(arrays, mesh)  # this process's slice of the global batch
-        # settle: a no-op but on multi-device CPU, where queued collective programs can deadlock.
-        state, metrics = parallel.settle(train_step(state, frozen, arrays, geometry))
+        with compiles.counting():
+          # settle: a no-op but on multi-device CPU, where queued collective programs can deadlock.
+          state, metrics = parallel.settle(train_step(state, frozen, arrays, geometry))
         faults.point("train.step")
         step_metrics = _collection(tuple(metrics)).single_from_model_output(**metrics)
         interval = step_metrics if interval is None else interval.merge(step_metrics)
@@ -210,7 +243,8 @@ def fit(model, objective: Objective, *, loop: LoopConfig, optim: OptimConfig, se
           means = {k: float(v) for k, v in interval.compute().items()}
           interval = None
           last_metrics = means
-          writer.write(step + 1, {**means, **_pace(progress.rate(step + 1), t), "lr": float(schedule(step))},
+          pace = _pace(progress.rate(step + 1), t, flops_per_step, peak)
+          writer.write(step + 1, {**means, **pace, "lr": float(schedule(step))},
                        prefix="train/", progress=progress.line(step + 1))
         # Evaluate before saving the step, and save every evaluated step with its scores (the best is kept by the
         # preservation policy): a crash during the eval resumes from the checkpoint before it and evaluates this
@@ -237,6 +271,7 @@ def fit(model, objective: Objective, *, loop: LoopConfig, optim: OptimConfig, se
     raise
   finally:
     writer.close()
+    compiles.stop()
 
   best_step = ckpt.best_step()
   best_metrics = None
@@ -248,7 +283,7 @@ def fit(model, objective: Objective, *, loop: LoopConfig, optim: OptimConfig, se
   ckpt.close()
   model.eval()
   return FitResult(steps=int(jax.device_get(state["step"])), best_step=best_step, best_metrics=best_metrics,
-                   last_metrics=last_metrics, compilations=train_step._cache_size())
+                   last_metrics=last_metrics, compilations=compiles.count)
 
 
 @functools.lru_cache(maxsize=None)

@@ -65,6 +65,13 @@ def test_resume_after_interruption_equals_uninterrupted(fashioniq_train, tmp_pat
   assert [r["step"] for r in logged] == list(range(1, 7))
   np.testing.assert_allclose([r["train/lr"] for r in logged], [float(schedule(s)) for s in range(6)], rtol=1e-6)
   assert all(r["train/steps_per_s"] > 0 and r["train/examples_per_s"] == 4 * r["train/steps_per_s"] for r in logged)
+  # ... and the achieved model FLOP rate: the analytic FLOPs of this step shape (recall_jax.flops) times steps/s,
+  # and its fraction of the measured CPU peak (a tiny model is far from it, but it is above 0 and below 1).
+  step_flops = logged[0]["train/model_tflops_per_s"] * 1e12 / logged[0]["train/steps_per_s"]
+  assert step_flops > 0 and all(
+      abs(r["train/model_tflops_per_s"] * 1e12 / r["train/steps_per_s"] - step_flops) <= 1e-6 * step_flops
+      for r in logged)
+  assert all(0 < r["train/mfu"] < 1 for r in logged)
 
 
 def test_place_by_rules_shards_matching_params_and_replicates_the_rest():
