@@ -40,6 +40,7 @@ import io
 import json
 import logging
 import os
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -402,6 +403,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
            len(records) - len(pending), len(pending))
   progress = Progress(len(pending), unit="samples")
   base_key = jax.random.key(ccfg.seed)
+  started = time.perf_counter()
   # Process 0 appends every finished batch; the others hold the same samples and write nothing (files.py).
   with files.Appender(partial) as f:
     for start in range(0, len(pending), ccfg.batch_size):
@@ -413,6 +415,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
         faults.point("calibrate.write")
       f.sync()
       log.info("[calibrate] %s", progress.line(start + len(batch)))
+  seconds = time.perf_counter() - started  # rewrite + verify (+ oracle) of this run's samples, compiles included
 
   done = _read_partial_everywhere(partial, ccfg)
   samples = [apply_filter(done[r["id"]], ccfg) for r in records]
@@ -432,6 +435,9 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
       "verify_reasoning": ccfg.verify_reasoning, "describe_max_tokens": ccfg.describe_max_tokens,
       "oracle": "scene graphs" if oracle is not None else "unavailable" if ccfg.oracle else "off",
       "statistics": stats,
+      # This run's own samples (a resumed run times only what it generated): rewrite, verify, write.
+      "throughput": {"samples": len(pending), "seconds": round(seconds, 2),
+                     "samples_per_s": round(len(pending) / seconds, 3) if pending and seconds > 0 else None},
       "outputs": {"generations": os.path.join(out, GENERATIONS), "corrective": os.path.join(out, CORRECTIVE),
                   "sheet": sheet if files.exists(sheet) else None},
   }

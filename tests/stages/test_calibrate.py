@@ -101,6 +101,7 @@ def test_staged_cot_statistics_vqa_and_oracle(mined, tmp_path):
   assert not os.path.exists(os.path.join(out, calibrate.PARTIAL))
   assert os.path.getsize(os.path.join(out, calibrate.SHEET)) > 1000
 
+  assert manifest["throughput"]["samples"] == RECORDS and manifest["throughput"]["samples_per_s"] > 0
   stats = manifest["statistics"]
   assert stats["generated"] == RECORDS == stats["parsed"] + stats["rejected"]
   assert stats["parsed"] == 2 and stats["kept"] + stats["dropped_by_vqa"] == stats["parsed"]
