@@ -9,7 +9,7 @@ import recall_jax
 
 # Lowest first. A unit may import units of lower layers only (and itself).
 LAYERS = [
-    {"progress", "faults", "parallel", "losses"},
+    {"progress", "faults", "parallel", "losses", "hardware"},
     {"files"},
     {"viz"},
     {"data"},
