@@ -26,7 +26,6 @@ from recall_jax.generate import sft
 from recall_jax.data import prompts
 from recall_jax.data.synthetic.oracle import Oracle
 from recall_jax.data.synthetic import oracle as oracle_lib, language
-from recall_jax.data.synthetic.attributes import ATTRIBUTES
 
 p = argparse.ArgumentParser()
 p.add_argument("--format", default="A")
@@ -44,13 +43,6 @@ import glob
 ckpt = glob.glob(f"{args.workdir}/prepare/**/tokenizer.json", recursive=True)[0].rsplit("/", 1)[0]
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained(ckpt)
-
-ATTRS6 = ("category",) + ATTRIBUTES
-
-
-def attr_phrase(g, a):
-  return g.category if a == "category" else language.absolute_clause(a, g.get(a))
-
 
 def change_text(oracle, first, second):
   """Format A's change first -> second in the canonical wording; "none" for the same garment."""
@@ -82,17 +74,17 @@ def reading(fmt, oracle, r, c, t):
     body = f" Asked: {language.describe_garment(wanted)}."
     gen_spans = [body]
   elif fmt == "E":  # asked caption, then per-attribute same/differs against picture 2
-    checks = ", ".join(f"{a} {'same' if gc.get(a) == wanted.get(a) else 'differs'}" for a in ATTRS6)
+    checks = sft.attribute_checks(wanted, gc)
     body = f" Asked: {language.describe_garment(wanted)}. Check: {checks}."
     gen_spans = [body]
   elif fmt == "F":  # A, then per-attribute check of the asked change vs the picture change
     change = change_text(oracle, r, c)
     asked = asked_text(oracle, r, t)
-    checks = ", ".join(f"{a} {'same' if gc.get(a) == wanted.get(a) else 'differs'}" for a in ATTRS6)
+    checks = sft.attribute_checks(wanted, gc)
     body = f" Change: {change}. Asked: {asked}. Check: {checks}."
     gen_spans = [body]
   elif fmt == "G":
-    checks = ", ".join(f"{a} {'same' if gc.get(a) == wanted.get(a) else 'differs'}" for a in ATTRS6)
+    checks = sft.attribute_checks(wanted, gc)
     return (f"Text: {t}\nPicture 1: {c1}.", [(f" Asked: {language.describe_garment(wanted)}. Picture 2:", True),
             (f" {c2}.", False), (f" Check: {checks}. Answer:", True)], " yes" if yes else " no", yes)
   elif fmt == "R":  # the staged rewrite's new text from the two captions
@@ -137,7 +129,7 @@ L = 8 * -(-max(len(tok.encode(i[0] + ''.join(x for x, _ in i[1]) + i[2], add_spe
 print('L', L)
 
 
-check_ids = {tok.encode(" same", add_special_tokens=False)[0], tok.encode(" differs", add_special_tokens=False)[0]}
+check_ids = {tok.encode(f" {word}", add_special_tokens=False)[0] for word in (sft.SAME, sft.DIFFERS)}
 
 
 def encode(items):
