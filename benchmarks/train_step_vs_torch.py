@@ -8,7 +8,7 @@ tau 0.02, AdamW, fp32. Ours is the trainer's jitted step (`train.step.make_train
 theirs is forward + backward + AdamW step with the position ids precomputed (as ours are). The first step's losses
 must agree before anything is timed.
 
-  .venv/bin/python benchmarks/train_step_vs_torch.py [--batch 32] [--repeats 15] [--remat none]
+  .venv/bin/python -m benchmarks.train_step_vs_torch [--batch 32] [--repeats 15]
 
 Writes benchmarks/results/train_step_<platform>.json (the interleave.interleaved figures, shapes and versions).
 """
