@@ -55,7 +55,7 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, inputs: dict[str, Any], c
   cache = kv_cache.init(model.cfg.text, inputs["input_ids"].shape[0], cache_length, lm.dtype)
   if mesh is not None:  # the cache's rows live with their batch rows; the decode loop keeps that layout
     cache = parallel.constrain_batch(cache, mesh)
-  hidden, cache = lm(model.embed_inputs(inputs), inputs["position_ids"], inputs["attention_mask"], cache=cache)
+  hidden, cache = model.hidden_states(inputs, cache=cache)
   logits = model.logits(hidden[:, -1]).astype(jnp.float32)
   return logits, cache, next_positions(inputs["position_ids"], inputs["attention_mask"])
 
@@ -120,7 +120,7 @@ jitted_decode = jax.jit(_decode, static_argnums=0, donate_argnums=2,
 
 def _score(graphdef: nnx.GraphDef, state: nnx.State, inputs: dict[str, Any], candidate_ids: jax.Array) -> ScoreOutput:
   model = nnx.merge(graphdef, state)
-  hidden = model.language_model(model.embed_inputs(inputs), inputs["position_ids"], inputs["attention_mask"])
+  hidden = model.hidden_states(inputs)
   logits = model.logits(hidden[:, -1]).astype(jnp.float32)[:, candidate_ids]
   return ScoreOutput(logits=logits, log_probs=jax.nn.log_softmax(logits, axis=-1))
 

@@ -41,6 +41,47 @@ def scatter_image_embeds(inputs_embeds: jax.Array, image_mask: jax.Array, image_
   return jnp.where(image_mask[..., None], gathered, inputs_embeds)
 
 
+def prepare_inputs(cfg, geometry_fn, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                   image_grid_thw: np.ndarray | None = None, pixel_values: np.ndarray | None = None) -> dict[str, Any]:
+  """A model's `prepare`, checked: ids, mask, position ids (3, B, L) and, with images, `geometry_fn(grids,
+  cfg.vision)` and the pixel values. Shared by both families (their configs name the same fields)."""
+  input_ids = np.asarray(input_ids)
+  if input_ids.ndim != 2:
+    raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
+  if attention_mask is None:
+    attention_mask = np.ones_like(input_ids)
+  attention_mask = np.asarray(attention_mask)
+  if attention_mask.shape != input_ids.shape:
+    raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+  if np.any(input_ids == cfg.video_token_id):
+    raise ValueError(f"input_ids hold video tokens (id {cfg.video_token_id}); videos are not supported")
+  if pixel_values is not None and image_grid_thw is None:
+    raise ValueError("pixel_values given without image_grid_thw")
+  image_mask = input_ids == cfg.image_token_id
+  if np.any(image_mask & ~attention_mask.astype(bool)):
+    raise ValueError("input_ids hold image tokens at padding positions (attention_mask == 0)")
+  num_image_tokens = int(np.sum(image_mask))
+  if image_grid_thw is None and num_image_tokens:
+    raise ValueError(f"input_ids hold {num_image_tokens} image tokens but no image_grid_thw was given")
+  if image_grid_thw is not None:
+    grids = np.asarray(image_grid_thw)
+    expected = int(np.sum(np.prod(grids, axis=-1))) // cfg.vision.spatial_merge_size**2
+    if num_image_tokens != expected:
+      raise ValueError(f"input_ids hold {num_image_tokens} image tokens (id {cfg.image_token_id}) but "
+                       f"image_grid_thw {grids.tolist()} gives {expected} merged patches")
+  inputs: dict[str, Any] = {
+      "input_ids": input_ids.astype(np.int32),
+      "attention_mask": attention_mask.astype(np.int32),
+      "position_ids": position_ids_for(cfg, input_ids, attention_mask, image_grid_thw),
+  }
+  if image_grid_thw is None:
+    return inputs
+  inputs["vision"] = geometry_fn(grids, cfg.vision)
+  if pixel_values is not None:
+    inputs["pixel_values"] = np.asarray(pixel_values, dtype=np.float32)
+  return inputs
+
+
 def _jitted_forward(graphdef: nnx.GraphDef, state: nnx.State, inputs: dict[str, Any]) -> Qwen25VLOutput:
   return nnx.merge(graphdef, state).forward(inputs)
 
@@ -69,41 +110,7 @@ class Qwen25VLModel(nnx.Module):
               image_grid_thw: np.ndarray | None = None, pixel_values: np.ndarray | None = None) -> dict[str, Any]:
     """Host-side inputs of `forward`: ids, mask, position ids (3, B, L) and, with images, the vision geometry and
     pixel values (a caller that adds "pixel_values" itself may leave them out here)."""
-    input_ids = np.asarray(input_ids)
-    if input_ids.ndim != 2:
-      raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
-    if attention_mask is None:
-      attention_mask = np.ones_like(input_ids)
-    attention_mask = np.asarray(attention_mask)
-    if attention_mask.shape != input_ids.shape:
-      raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
-    if np.any(input_ids == self.cfg.video_token_id):
-      raise ValueError(f"input_ids hold video tokens (id {self.cfg.video_token_id}); videos are not supported")
-    if pixel_values is not None and image_grid_thw is None:
-      raise ValueError("pixel_values given without image_grid_thw")
-    image_mask = input_ids == self.cfg.image_token_id
-    if np.any(image_mask & ~attention_mask.astype(bool)):
-      raise ValueError("input_ids hold image tokens at padding positions (attention_mask == 0)")
-    num_image_tokens = int(np.sum(image_mask))
-    if image_grid_thw is None and num_image_tokens:
-      raise ValueError(f"input_ids hold {num_image_tokens} image tokens but no image_grid_thw was given")
-    if image_grid_thw is not None:
-      grids = np.asarray(image_grid_thw)
-      expected = int(np.sum(np.prod(grids, axis=-1))) // self.cfg.vision.spatial_merge_size**2
-      if num_image_tokens != expected:
-        raise ValueError(f"input_ids hold {num_image_tokens} image tokens (id {self.cfg.image_token_id}) but "
-                         f"image_grid_thw {grids.tolist()} gives {expected} merged patches")
-    inputs: dict[str, Any] = {
-        "input_ids": input_ids.astype(np.int32),
-        "attention_mask": attention_mask.astype(np.int32),
-        "position_ids": position_ids_for(self.cfg, input_ids, attention_mask, image_grid_thw),
-    }
-    if image_grid_thw is None:
-      return inputs
-    inputs["vision"] = vision_geometry(grids, self.cfg.vision)
-    if pixel_values is not None:
-      inputs["pixel_values"] = np.asarray(pixel_values, dtype=np.float32)
-    return inputs
+    return prepare_inputs(self.cfg, vision_geometry, input_ids, attention_mask, image_grid_thw, pixel_values)
 
   def embed_inputs(self, inputs: dict[str, Any]) -> jax.Array:
     """Token embeddings with the vision tower's output scattered into the image-pad positions, (B, L, H)."""
@@ -114,9 +121,11 @@ class Qwen25VLModel(nnx.Module):
       x = scatter_image_embeds(x, input_ids == self.cfg.image_token_id, image_embeds)
     return x
 
-  def hidden_states(self, inputs: dict[str, Any]) -> jax.Array:
-    """Final hidden states (after the last norm), without the (B, L, vocab) logits: what embedding models need."""
-    return self.language_model(self.embed_inputs(inputs), inputs["position_ids"], inputs["attention_mask"])
+  def hidden_states(self, inputs: dict[str, Any], cache=None):
+    """Final hidden states (after the last norm), without the (B, L, vocab) logits: what embedding models need.
+    With a `generate.kv_cache.KVCache` (a prefill) the tokens go into it: returns (hidden states, cache)."""
+    return self.language_model(self.embed_inputs(inputs), inputs["position_ids"], inputs["attention_mask"],
+                                cache=cache)
 
   def forward(self, inputs: dict[str, Any]) -> Qwen25VLOutput:
     """Pure forward over `prepare`'s dict (with "pixel_values" whenever it has "vision")."""

@@ -14,6 +14,7 @@ from recall_jax.models.peft_io import PeftNames
 
 HUB = "hub"
 TRANSFORMERS = "transformers"
+SAVE_LAYOUT = HUB  # what transformers' save_pretrained writes for Qwen2.5-VL (its conversion mapping)
 
 # HF prefix -> NNX prefix; first match wins (transformers-5 names before the hub's bare "model.").
 _FROM_HF = (

@@ -32,7 +32,12 @@ def mrope_cos_sin(position_ids: jax.Array, *, head_dim: int, theta: float, mrope
   """cos, sin of shape (B, L, head_dim) from position_ids (3, B, L); computed in fp32, cast to `dtype`."""
   if sum(mrope_section) != head_dim // 2:
     raise ValueError(f"text mrope_section {tuple(mrope_section)} must sum to head_dim / 2 = {head_dim // 2}")
-  streams = section_streams(mrope_section)
+  return stream_cos_sin(position_ids, section_streams(mrope_section), head_dim=head_dim, theta=theta, dtype=dtype)
+
+
+def stream_cos_sin(position_ids: jax.Array, streams: np.ndarray, *, head_dim: int, theta: float,
+                   dtype: DTypeLike) -> tuple[jax.Array, jax.Array]:
+  """cos, sin (B, L, head_dim) when rotary frequency j rotates by position stream streams[j] of (3, B, L)."""
   # (3, B, L) -> (B, L, head_dim / 2): the position each frequency rotates by.
   positions = jnp.moveaxis(position_ids[streams], 0, -1).astype(jnp.float32)
   freqs = positions * jnp.asarray(inv_freq(head_dim, theta))
