@@ -21,7 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.world.image_size = 112
 
   c.model = ml_collections.ConfigDict()
-  c.model.checkpoint = ml_collections.config_dict.placeholder(str)  # required: HF Qwen2.5-VL checkpoint dir
+  # The backbone: qwen2_5_vl | qwen3_vl (recall_jax/models/family.py); a checkpoint's config.json must agree.
+  c.model.family = "qwen2_5_vl"
+  c.model.checkpoint = ml_collections.config_dict.placeholder(str)  # required: HF checkpoint dir of model.family
   # ("" only with the prepare stage, which then writes a tiny random checkpoint into the workdir)
   c.model.tiny = ml_collections.ConfigDict({"text": {}, "vision": {}})
   c.model.init_seed = 0

@@ -28,17 +28,16 @@ from recall_jax.generate import sampler as sampler_lib
 from recall_jax.generate.sampling import SamplingConfig
 from recall_jax.models import embedding
 from recall_jax.models.dtypes import DTYPES
-from recall_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from recall_jax.models.qwen2_5_vl.model import Qwen25VLModel
+from recall_jax.models import family
 from recall_jax.train import step as step_lib
 from recall_jax.train import settings, trainer
 
 IMAGES_PER_PROMPT = 2  # calibrate's prompts show the reference and the candidate
 
 
-def image_grid(cfg: ConfigDict, model_cfg: Qwen25VLConfig) -> tuple[int, int, int]:
+def image_grid(cfg: ConfigDict, model_cfg) -> tuple[int, int, int]:
   """The grid of the config's largest image bucket (a training batch holds one bucket: the worst case)."""
-  buckets = ImageBuckets.from_config(cfg.data.image_buckets)
+  buckets = ImageBuckets.from_config(cfg.data.image_buckets, factor=2 * model_cfg.vision.patch_size)
   size = max(buckets.sizes, key=lambda s: s[0] * s[1])
   return buckets.grid(size, model_cfg.vision.patch_size)
 
@@ -51,11 +50,11 @@ def _replicated(tree, mesh: Mesh):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=NamedSharding(mesh, P())), tree)
 
 
-def _model(cfg: ConfigDict, model_cfg: Qwen25VLConfig, adapters: bool) -> Qwen25VLModel:
+def _model(cfg: ConfigDict, model_cfg, adapters: bool):
   dtype = DTYPES[cfg.model.dtype]
 
   def build():
-    model = Qwen25VLModel(model_cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+    model = family.of_config(model_cfg).model_cls(model_cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
     if adapters:
       trainer.add_adapters(model, cfg, cfg.seed)
     return model
@@ -67,7 +66,7 @@ def _placed(state, mesh: Mesh, cfg: ConfigDict):
   return _abstract(state, parallel.tree_shardings(state, mesh, parallel.rules_from_config(cfg)))
 
 
-def _prompt_ids(model_cfg: Qwen25VLConfig, length: int, image_tokens: int, images: int) -> np.ndarray:
+def _prompt_ids(model_cfg, length: int, image_tokens: int, images: int) -> np.ndarray:
   """One row of `length` ids holding `images` image runs (vision start, pads, vision end), text after them."""
   run = [model_cfg.vision_start_token_id] + [model_cfg.image_token_id] * image_tokens + [model_cfg.vision_end_token_id]
   ids = run * images
@@ -76,7 +75,7 @@ def _prompt_ids(model_cfg: Qwen25VLConfig, length: int, image_tokens: int, image
   return np.asarray(ids + [0] * (length - len(ids)), np.int32)
 
 
-def _pipeline_side(model_cfg: Qwen25VLConfig, side: str, rows: int, length: int, grid) -> dict[str, np.ndarray]:
+def _pipeline_side(model_cfg, side: str, rows: int, length: int, grid) -> dict[str, np.ndarray]:
   """`rows` examples of one side as pipeline batches hold them: one image per row."""
   patches = int(np.prod(grid))
   ids = np.tile(_prompt_ids(model_cfg, length, patches // model_cfg.vision.spatial_merge_size**2, 1), (rows, 1))
@@ -85,7 +84,7 @@ def _pipeline_side(model_cfg: Qwen25VLConfig, side: str, rows: int, length: int,
           f"{side}_pixel_values": np.zeros((rows, patches, model_cfg.vision.patch_dim), np.float32)}
 
 
-def train(cfg: ConfigDict, model_cfg: Qwen25VLConfig, mesh: Mesh) -> jax.stages.Lowered:
+def train(cfg: ConfigDict, model_cfg, mesh: Mesh) -> jax.stages.Lowered:
   t = cfg.train
   batch, num_chunks = t.global_batch_size, trainer.gradcache_chunks(t)
   grid = image_grid(cfg, model_cfg)
@@ -121,7 +120,7 @@ def embed_batch_size(cfg: ConfigDict) -> int:
   return max(cfg.eval.batch_size, cfg.mine.batch_size)
 
 
-def embed(cfg: ConfigDict, model_cfg: Qwen25VLConfig, mesh: Mesh) -> jax.stages.Lowered:
+def embed(cfg: ConfigDict, model_cfg, mesh: Mesh) -> jax.stages.Lowered:
   model = _model(cfg, model_cfg, adapters=False)
   model.eval()
   graphdef, state = nnx.split(model)
@@ -138,7 +137,7 @@ def calibrate_shapes(cfg: ConfigDict) -> tuple[int, int, int]:
   return c.batch_size, prompt, prompt + c.max_new_tokens
 
 
-def calibrate(cfg: ConfigDict, model_cfg: Qwen25VLConfig, mesh: Mesh) -> tuple[jax.stages.Lowered, Any]:
+def calibrate(cfg: ConfigDict, model_cfg, mesh: Mesh) -> tuple[jax.stages.Lowered, Any]:
   """(prefill lowered, a function compiled prefill -> decode lowered, fed with prefill's output shardings)."""
   c = cfg.calibrate
   model = _model(cfg, model_cfg, adapters=False)

@@ -85,20 +85,25 @@ def gpu_target():
 
 
 def model_config(cfg):
-  """(Qwen25VLConfig, where it came from): config.json of config model.checkpoint, else Qwen2.5-VL-7B's shapes."""
-  from recall_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+  """(model config, where it came from): config.json of config model.checkpoint, else the shapes of the released
+  model of config model.family (Qwen2.5-VL-7B, Qwen3-VL-8B)."""
+  from recall_jax.models import family
+  fam = family.get(cfg.model.family)
   run = dict(position_mode=cfg.model.position_mode, remat=cfg.model.remat)  # the run's choices, not the checkpoint's
   if cfg.model.checkpoint:
-    return (Qwen25VLConfig.from_pretrained(cfg.model.checkpoint).replace(**run),
+    family.of_checkpoint(cfg.model.checkpoint, expected=cfg.model.family)
+    return (fam.config_cls.from_pretrained(cfg.model.checkpoint).replace(**run),
             f"{cfg.model.checkpoint}/config.json")
-  return Qwen25VLConfig(**run), "Qwen2.5-VL-7B shapes (model.checkpoint unset)"
+  return fam.reference_shapes.replace(**run), f"{fam.reference_name} shapes (model.checkpoint unset)"
 
 
 def reduced(model_cfg, pairs: int):
-  """The model with `pairs` text layers and `pairs` vision blocks (full-attention blocks among them kept)."""
+  """The model with `pairs` text layers and `pairs` vision blocks (full-attention blocks and DeepStack taps among
+  them kept)."""
   v = model_cfg.vision
-  vision = dataclasses.replace(v, depth=pairs, fullatt_block_indexes=tuple(i for i in v.fullatt_block_indexes
-                                                                           if i < pairs))
+  kept = {k: tuple(i for i in getattr(v, k) if i < pairs)
+          for k in ("fullatt_block_indexes", "deepstack_visual_indexes") if hasattr(v, k)}
+  vision = dataclasses.replace(v, depth=pairs, **kept)
   text = dataclasses.replace(model_cfg.text, num_hidden_layers=pairs)
   return model_cfg.replace(vision=vision, text=text)
 
@@ -152,11 +157,12 @@ def compile_programs(cfg, model_cfg, mesh, name: str) -> dict[str, dict[str, int
 def analytic_flops(cfg, model_cfg) -> dict[str, int]:
   """FLOPs of one call of each program at the config's full depth (flops.py)."""
   from recall_jax import abstract_programs as programs, flops
-  from recall_jax.models.qwen2_5_vl import names
+  from recall_jax.models import family
   from recall_jax.train import trainer
   grid = programs.image_grid(cfg, model_cfg)
   t, lo = cfg.train, cfg.lora
-  adapters = flops.Adapters(regex=lo.target_regex or names.LORA_TARGET_REGEX, rank=lo.rank, dora=lo.use_dora,
+  regex = lo.target_regex or family.of_config(model_cfg).lora_target_regex
+  adapters = flops.Adapters(regex=regex, rank=lo.rank, dora=lo.use_dora,
                             dropout=lo.dropout > 0)
   batch, prompt, cache = programs.calibrate_shapes(cfg)
   return {

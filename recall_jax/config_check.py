@@ -36,7 +36,7 @@ def _enums() -> dict[str, Sequence[Any]]:
   from recall_jax.generate import sft
   from recall_jax.data.readers import common as readers
   from recall_jax.generate import decide, parse
-  from recall_jax.models import lora, remat
+  from recall_jax.models import family, lora, remat
   from recall_jax.stages import calibrate, common, data_source, mine, prepare, refine
   return {
       "data.dataset": ("fashioniq", "cirr", "circo"),
@@ -44,6 +44,7 @@ def _enums() -> dict[str, Sequence[Any]]:
       "data.on_error": readers.ON_ERROR,
       "eval.split": ("train", "val", "test"),
       "model.dtype": tuple(sorted(common.DTYPES)),
+      "model.family": tuple(sorted(family.FAMILIES)),
       "model.position_mode": ("mrope", "sequential"),
       "model.remat": tuple(remat.POLICIES),
       "model.tiny_tokenizer": prepare.TOKENIZERS,
@@ -150,7 +151,7 @@ def problems(cfg: ConfigDict, stages: Sequence[str], mesh: Any = None) -> list[s
   if not any("data." in p and "lengths" in p for p in out):
     out += _bucket_problems(cfg)
   if cfg.model.checkpoint is None:
-    out.append("config model.checkpoint is required: a Hugging Face Qwen2.5-VL checkpoint directory, or \"\" for "
+    out.append("config model.checkpoint is required: a Hugging Face checkpoint directory of model.family, or \"\" for "
                "the tiny random checkpoint the prepare stage writes")
   if "teach" in base:
     tasks = _get(cfg, "teach.tasks")
@@ -192,8 +193,11 @@ def _bucket_problems(cfg: ConfigDict) -> list[str]:
   """The image buckets must be valid, and each query / target token bucket must hold the largest image's merged
   tokens (one image per query and per target) with room for the text around it."""
   from recall_jax.data.image import ImageBuckets
+  from recall_jax.models import family
+  if cfg.model.family not in family.FAMILIES:
+    return []  # reported as an enum problem
   try:
-    buckets = ImageBuckets.from_config(cfg.data.image_buckets)
+    buckets = ImageBuckets.from_config(cfg.data.image_buckets, factor=family.get(cfg.model.family).image_factor)
   except ValueError as e:
     return [f"config data.image_buckets = {cfg.data.image_buckets!r}: {e}"]
   tokens = max((h // buckets.factor) * (w // buckets.factor) for h, w in buckets.sizes)

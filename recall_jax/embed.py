@@ -82,8 +82,7 @@ class Embedder:
     (recall_config.json beside them; a missing file raises naming it). A keyword given here overrides the file:
     checkpoint (the base, e.g. moved), dtype ("float32" / "bfloat16"), position_mode, dataset, encode, batch_size
     (default: the run's eval batch size)."""
-    from recall_jax.models import lora, peft_io, qwen2_5_vl, tokenizers
-    from recall_jax.models.qwen2_5_vl import names as qwen_names
+    from recall_jax.models import family, lora, peft_io, tokenizers
     from recall_jax.models.dtypes import DTYPES
     rc = recall_config.read(adapter_dir)
     checkpoint = checkpoint or rc.base_checkpoint
@@ -95,8 +94,9 @@ class Embedder:
       raise FileNotFoundError(f"base checkpoint {checkpoint} (base_checkpoint of "
                               f"{os.path.join(adapter_dir, recall_config.FILENAME)}) has no config.json: pass "
                               "checkpoint= where the base now is")
-    model = qwen2_5_vl.from_pretrained(checkpoint, dtype=DTYPES[dtype], position_mode=position_mode, mesh=mesh)
-    peft_io.import_peft(model, adapter_dir, names=qwen_names.PEFT_NAMES)
+    fam = family.of_checkpoint(checkpoint)
+    model = fam.from_pretrained(checkpoint, dtype=DTYPES[dtype], position_mode=position_mode, mesh=mesh)
+    peft_io.import_peft(model, adapter_dir, names=fam.peft_names)
     lora.merge_lora(model)
     identity = {
         "checkpoint": [embedding_cache.file_stamp(os.path.join(checkpoint, f)) for f in files.listdir(checkpoint)

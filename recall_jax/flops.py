@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from recall_jax.models.qwen2_5_vl.config import Qwen25VLConfig
-from recall_jax.models.qwen2_5_vl.vision_geometry import vision_geometry
+from recall_jax.models import family as family_lib
+
+ModelConfig = Any  # a Qwen25VLConfig or a Qwen3VLConfig (recall_jax.models.family)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,45 +103,58 @@ def tower(stages: Sequence[Stage], adapters: Optional[Adapters] = None, *, depen
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Qwen2.5-VL
+# Qwen2.5-VL and Qwen3-VL
 
 
-def vision_stages(cfg: Qwen25VLConfig, grid: tuple[int, int, int], images: int) -> list[Stage]:
-  """The vision tower over `images` images of one grid; attention segments as vision_geometry pads them."""
+def vision_stages(cfg: ModelConfig, grid: tuple[int, int, int], images: int) -> list[Stage]:
+  """The vision tower over `images` images of one grid; attention segments as its vision geometry pads them.
+  Qwen2.5-VL: window / full attention, SwiGLU MLP; Qwen3-VL: full attention, fc1 -> GELU -> fc2, DeepStack mergers."""
   v = cfg.vision
-  geometry = vision_geometry(np.asarray([grid] * images, np.int64), v)
+  qwen3 = family_lib.of_config(cfg) is family_lib.QWEN3_VL
+  geometry = family_lib.of_config(cfg).vision_geometry(np.asarray([grid] * images, np.int64), v)
   n = int(geometry["rotary_pos"].shape[0])
   h = v.hidden_size
   stages: list[Stage] = [[Linear("visual.patch_embed.proj", n, v.patch_dim, h)]]
+  merged, width = n // v.spatial_merge_size**2, h * v.spatial_merge_size**2
   for i in range(v.depth):
     p = f"visual.blocks.{i}"
-    segments = geometry["full_gather" if i in v.fullatt_block_indexes else "window_gather"].shape
+    full = qwen3 or i in v.fullatt_block_indexes
+    segments = geometry["full_gather" if full else "window_gather"].shape
     stages += [
         [Linear(f"{p}.attn.qkv", n, h, 3 * h)],
         [Attention(int(segments[0]), int(segments[1]), int(segments[1]), h)],
         [Linear(f"{p}.attn.proj", n, h, h)],
-        [Linear(f"{p}.mlp.gate_proj", n, h, v.intermediate_size), Linear(f"{p}.mlp.up_proj", n, h,
-                                                                          v.intermediate_size)],
-        [Linear(f"{p}.mlp.down_proj", n, v.intermediate_size, h)],
     ]
-  merged, width = n // v.spatial_merge_size**2, h * v.spatial_merge_size**2
-  stages += [[Linear("visual.merger.mlp.0", merged, width, width)],
-             [Linear("visual.merger.mlp.2", merged, width, v.out_hidden_size)]]
+    if qwen3:
+      stages += [[Linear(f"{p}.mlp.linear_fc1", n, h, v.intermediate_size)],
+                 [Linear(f"{p}.mlp.linear_fc2", n, v.intermediate_size, h)]]
+      if i in v.deepstack_visual_indexes:
+        j = v.deepstack_visual_indexes.index(i)
+        stages += [[Linear(f"visual.deepstack_merger_list.{j}.linear_fc1", merged, width, width)],
+                   [Linear(f"visual.deepstack_merger_list.{j}.linear_fc2", merged, width, v.out_hidden_size)]]
+    else:
+      stages += [[Linear(f"{p}.mlp.gate_proj", n, h, v.intermediate_size),
+                  Linear(f"{p}.mlp.up_proj", n, h, v.intermediate_size)],
+                 [Linear(f"{p}.mlp.down_proj", n, v.intermediate_size, h)]]
+  names = ("linear_fc1", "linear_fc2") if qwen3 else ("mlp.0", "mlp.2")
+  stages += [[Linear(f"visual.merger.{names[0]}", merged, width, width)],
+             [Linear(f"visual.merger.{names[1]}", merged, width, v.out_hidden_size)]]
   return stages
 
 
-def text_stages(cfg: Qwen25VLConfig, batch: int, length: int, kv_len: Optional[int] = None) -> list[Stage]:
+def text_stages(cfg: ModelConfig, batch: int, length: int, kv_len: Optional[int] = None) -> list[Stage]:
   """The decoder over (batch, length) tokens attending over kv_len slots (the KV cache; default: length)."""
   t = cfg.text
-  h, kv, tokens = t.hidden_size, t.num_key_value_heads * t.head_dim, batch * length
+  h, tokens = t.hidden_size, batch * length
+  q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
   stages: list[Stage] = []
   for i in range(t.num_hidden_layers):
     p = f"language_model.layers.{i}"
     stages += [
-        [Linear(f"{p}.self_attn.q_proj", tokens, h, h), Linear(f"{p}.self_attn.k_proj", tokens, h, kv),
+        [Linear(f"{p}.self_attn.q_proj", tokens, h, q), Linear(f"{p}.self_attn.k_proj", tokens, h, kv),
          Linear(f"{p}.self_attn.v_proj", tokens, h, kv)],
-        [Attention(batch, length, kv_len or length, t.num_attention_heads * t.head_dim)],
-        [Linear(f"{p}.self_attn.o_proj", tokens, h, h)],
+        [Attention(batch, length, kv_len or length, q)],
+        [Linear(f"{p}.self_attn.o_proj", tokens, q, h)],
         [Linear(f"{p}.mlp.gate_proj", tokens, h, t.intermediate_size),
          Linear(f"{p}.mlp.up_proj", tokens, h, t.intermediate_size)],
         [Linear(f"{p}.mlp.down_proj", tokens, t.intermediate_size, h)],
@@ -148,11 +162,11 @@ def text_stages(cfg: Qwen25VLConfig, batch: int, length: int, kv_len: Optional[i
   return stages
 
 
-def lm_head(cfg: Qwen25VLConfig, tokens: int) -> Stage:
+def lm_head(cfg: ModelConfig, tokens: int) -> Stage:
   return [Linear("lm_head", tokens, cfg.text.hidden_size, cfg.text.vocab_size)]
 
 
-def embed_side(cfg: Qwen25VLConfig, batch: int, length: int, grid: tuple[int, int, int],
+def embed_side(cfg: ModelConfig, batch: int, length: int, grid: tuple[int, int, int],
                adapters: Optional[Adapters] = None, differentiate: bool = False) -> tuple[int, int]:
   """(forward, backward) of one embedding call (models/embedding.embed): one image per row, then the decoder."""
   vf, vb, dependent = tower(vision_stages(cfg, grid, batch), adapters, differentiate=differentiate)
@@ -166,7 +180,7 @@ def contrastive_loss(batch: int, dim: int, triplet: bool) -> tuple[int, int]:
   return fwd, 2 * fwd
 
 
-def train_step(cfg: Qwen25VLConfig, *, batch: int, num_chunks: int, query_length: int, target_length: int,
+def train_step(cfg: ModelConfig, *, batch: int, num_chunks: int, query_length: int, target_length: int,
                grid: tuple[int, int, int], adapters: Adapters, triplet: bool = False,
                target_grid: Optional[tuple[int, int, int]] = None) -> dict[str, int]:
   """One contrastive step (train/step.py): GradCache embeds every chunk once without gradients, then again under
@@ -184,7 +198,7 @@ def train_step(cfg: Qwen25VLConfig, *, batch: int, num_chunks: int, query_length
   return {**passes, "total": passes["forward"] + passes["backward"]}
 
 
-def prefill(cfg: Qwen25VLConfig, *, batch: int, prompt_length: int, cache_length: int, grid: tuple[int, int, int],
+def prefill(cfg: ModelConfig, *, batch: int, prompt_length: int, cache_length: int, grid: tuple[int, int, int],
             images_per_prompt: int) -> int:
   """generate/sampler._prefill: the prompts' images, the decoder over the prompt into the cache, the last logits."""
   vf, _, _ = tower(vision_stages(cfg, grid, batch * images_per_prompt))
@@ -192,7 +206,7 @@ def prefill(cfg: Qwen25VLConfig, *, batch: int, prompt_length: int, cache_length
   return vf + tf + forward(lm_head(cfg, batch)[0])
 
 
-def decode(cfg: Qwen25VLConfig, *, batch: int, cache_length: int, steps: int) -> int:
+def decode(cfg: ModelConfig, *, batch: int, cache_length: int, steps: int) -> int:
   """generate/sampler._decode run for `steps` tokens (max_new_tokens: the loop stops early only when every row
   has ended): one token per row through the decoder over the whole cache, and its logits."""
   tf, _, _ = tower(text_stages(cfg, batch, 1, cache_length))

@@ -38,7 +38,8 @@ def encode_to_dict(enc: pipeline.EncodeConfig) -> dict[str, Any]:
   return {"image_buckets": [list(s) for s in b.sizes], "bucket_factor": b.factor,
           "query_lengths": list(enc.query_lengths), "target_lengths": list(enc.target_lengths),
           "padding_side": enc.padding_side, "caption_join": enc.caption_join, "min_pixels": enc.min_pixels,
-          "max_pixels": enc.max_pixels, "patch_size": enc.patch_size, "merge_size": enc.merge_size}
+          "max_pixels": enc.max_pixels, "patch_size": enc.patch_size, "merge_size": enc.merge_size,
+          "image_mean": list(enc.image_mean), "image_std": list(enc.image_std)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,20 @@ class _Reader:
     return tuple(value)
 
 
+def _normalisation(r: _Reader, e: dict) -> dict[str, tuple[float, ...]]:
+  """encode.image_mean / image_std. Files written before the second model family have neither: they were all
+  Qwen2.5-VL runs, which normalise with CLIP's mean / std (pipeline.EncodeConfig's defaults)."""
+  if "image_mean" not in e and "image_std" not in e:
+    return {}
+  out = {}
+  for key in ("image_mean", "image_std"):
+    value = r.get(key, list, e, "encode.")
+    if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+      raise ValueError(f"{r.path}: key 'encode.{key}' must be 3 numbers (per channel), got {value!r}")
+    out[key] = tuple(float(v) for v in value)
+  return out
+
+
 def read(adapter_dir: str) -> RecallConfig:
   """The adapters' recall_config.json; a missing file, a missing key or a bad value raises naming file and key."""
   path = os.path.join(adapter_dir, FILENAME)
@@ -130,7 +145,7 @@ def read(adapter_dir: str) -> RecallConfig:
         target_lengths=r.ints("target_lengths", e, "encode."), padding_side=r.get("padding_side", str, e, "encode."),
         caption_join=r.get("caption_join", str, e, "encode."), min_pixels=r.get("min_pixels", int, e, "encode."),
         max_pixels=r.get("max_pixels", int, e, "encode."), patch_size=r.get("patch_size", int, e, "encode."),
-        merge_size=r.get("merge_size", int, e, "encode."))
+        merge_size=r.get("merge_size", int, e, "encode."), **_normalisation(r, e))
   except (TypeError, ValueError) as err:
     if str(err).startswith(path):
       raise

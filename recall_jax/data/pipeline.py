@@ -39,7 +39,8 @@ from PIL import Image
 
 from recall_jax.data import batch_plan
 from recall_jax.data import prompts
-from recall_jax.data.image import MAX_PIXELS, MIN_PIXELS, ImageBuckets, load_image, preprocess_images
+from recall_jax.data.image import (MAX_PIXELS, MIN_PIXELS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageBuckets,
+                                   load_image, preprocess_images)
 from recall_jax.data.records import CIRSplit, DataError, Query
 
 ImageLoader = Callable[[str], Image.Image]
@@ -83,6 +84,8 @@ class EncodeConfig:
   max_pixels: int = MAX_PIXELS
   patch_size: int = 14
   merge_size: int = 2
+  image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN  # the model family's image processor (models/family.py)
+  image_std: tuple[float, ...] = OPENAI_CLIP_STD
 
   def __post_init__(self):
     if not self.query_lengths or not self.target_lengths:
@@ -103,7 +106,8 @@ def encode_images(images: Sequence[Image.Image], cfg: EncodeConfig) -> tuple[np.
   for image in images:
     resized = cfg.image_buckets.resize(image)
     pixels, grid = preprocess_images([resized], min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-                                     patch_size=cfg.patch_size, merge_size=cfg.merge_size)
+                                     patch_size=cfg.patch_size, merge_size=cfg.merge_size,
+                                     image_mean=cfg.image_mean, image_std=cfg.image_std)
     expected = cfg.image_buckets.grid((resized.height, resized.width), cfg.patch_size)
     if tuple(grid[0]) != expected:
       raise ValueError(f"bucket {(resized.height, resized.width)} is resized again by preprocessing "

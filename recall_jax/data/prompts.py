@@ -21,7 +21,8 @@ IMAGE_PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
 # The token appended after the assistant header of an embedding prompt; its hidden state is pooled.
 POOL_TOKEN = "<|endoftext|>"
 
-# The system turn Qwen's chat template inserts when a conversation has none.
+# The system turn Qwen2.5-VL's chat template inserts when a conversation has none. Qwen3-VL's inserts none, so the
+# generation prompts name this turn explicitly: both families' templates then render the same text.
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 # ReCALL's embedding system prompt (paper appendix): casts the model as a retrieval encoder.
 RETRIEVAL_SYSTEM_PROMPT = ("You are a multimodal retrieval encoder. Your sole function is to map any input into a "

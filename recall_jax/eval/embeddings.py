@@ -21,7 +21,7 @@ from recall_jax import parallel
 from recall_jax.data import pipeline
 from recall_jax.data.records import CIRSplit
 from recall_jax.models import embedding
-from recall_jax.models.qwen2_5_vl.vision_geometry import batch_geometry
+from recall_jax.models.family import batch_geometry
 from recall_jax.progress import Progress
 
 log = logging.getLogger("recall_jax")

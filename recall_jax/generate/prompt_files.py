@@ -53,4 +53,4 @@ def fill(template: str, text: str) -> str:
 def two_picture_prompt(template: str, text: str) -> str:
   """Stage 3's prompt layout (rewrite and verification, at calibration and in teach's SFT data alike): the chat
   prompt "Picture 1: <reference> Picture 2: <instance>", the filled template, then the assistant header."""
-  return prompts.multi_image_prompt(fill(template, text), num_images=2)
+  return prompts.multi_image_prompt(fill(template, text), num_images=2, system=prompts.DEFAULT_SYSTEM_PROMPT)

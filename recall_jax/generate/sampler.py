@@ -1,4 +1,4 @@
-"""Jitted KV-cache decoding and candidate scoring for the Flax Qwen2.5-VL.
+"""Jitted KV-cache decoding and candidate scoring for the Flax Qwen2.5-VL and Qwen3-VL models.
 
 Two jitted functions per batch shape:
   * prefill: the prompt (with its images: vision tower + image-token scatter, exactly as the model's forward) fills
@@ -25,7 +25,6 @@ from jax.sharding import Mesh
 from recall_jax import parallel
 from recall_jax.generate import kv_cache
 from recall_jax.generate.sampling import GREEDY, SamplingConfig, sample
-from recall_jax.models.qwen2_5_vl.model import Qwen25VLModel
 
 
 @struct.dataclass
@@ -159,7 +158,7 @@ def check_left_padded(attention_mask: np.ndarray) -> None:
 
 
 class Sampler:
-  """Generation and candidate scoring for a Qwen25VLModel.
+  """Generation and candidate scoring for a model of either family (Qwen25VLModel, Qwen3VLModel).
 
   tokenizer: optional HF tokenizer; it supplies the defaults of pad_id and eos_ids (its eos token and
   <|endoftext|>) and lets `decode_text` work.
@@ -171,7 +170,7 @@ class Sampler:
   does not divide into the batch shards is filled with blank rows, whose outputs are dropped.
   """
 
-  def __init__(self, model: Qwen25VLModel, tokenizer: Any = None, *, eos_ids: int | Sequence[int] | None = None,
+  def __init__(self, model, tokenizer: Any = None, *, eos_ids: int | Sequence[int] | None = None,
                pad_id: int | None = None, cache_buckets: Sequence[int] | None = None, mesh: Mesh | None = None):
     self.model = model
     self.mesh = mesh

@@ -135,11 +135,12 @@ class SFTConfig:
 
 
 def caption_prompt() -> str:
-  return prompts.chat_prompt(None, prompts.picture_content(1, CAPTION_INSTRUCTION), add_vision_id=True)
+  return prompts.chat_prompt(prompts.DEFAULT_SYSTEM_PROMPT, prompts.picture_content(1, CAPTION_INSTRUCTION),
+                             add_vision_id=True)
 
 
 def question_prompt(question: str) -> str:
-  return prompts.chat_prompt(None, prompts.picture_content(1, question), add_vision_id=True)
+  return prompts.chat_prompt(prompts.DEFAULT_SYSTEM_PROMPT, prompts.picture_content(1, question), add_vision_id=True)
 
 
 def minimal_segments(original: str, new: str) -> list[dict[str, str]]:

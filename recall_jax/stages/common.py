@@ -11,7 +11,7 @@ from recall_jax.data import pipeline
 from recall_jax.data.image import ImageBuckets
 from recall_jax.data.records import CIRSplit
 from recall_jax.eval import retrieval
-from recall_jax.models import qwen2_5_vl, tokenizers
+from recall_jax.models import family, tokenizers
 from recall_jax.models.dtypes import DTYPES
 from recall_jax.stages import data_source, paths
 
@@ -24,9 +24,13 @@ def load_base_model(cfg: ConfigDict, workdir: str, checkpoint: str | None = None
   if cfg.model.dtype not in DTYPES:
     raise ValueError(f"config model.dtype must be one of {sorted(DTYPES)}, got {cfg.model.dtype!r}")
   path = checkpoint or foundation_checkpoint(cfg, workdir)
-  model = qwen2_5_vl.from_pretrained(path, dtype=DTYPES[cfg.model.dtype], mesh=_mesh(cfg, mesh),
-                                     shardings=parallel.rules_from_config(cfg) or None,
-                                     position_mode=cfg.model.position_mode, remat=cfg.model.remat)
+  fam = family.of_checkpoint(path, expected=cfg.model.family)
+  model = fam.from_pretrained(path, dtype=DTYPES[cfg.model.dtype], mesh=_mesh(cfg, mesh),
+                              shardings=parallel.rules_from_config(cfg) or None,
+                              position_mode=cfg.model.position_mode, remat=cfg.model.remat)
+  if model.cfg.vision.patch_size != fam.patch_size:
+    raise ValueError(f"{path}/config.json: vision patch_size {model.cfg.vision.patch_size}, but the {fam.name} "
+                     f"image preprocessing here uses {fam.patch_size}")
   return model, tokenizers.load_tokenizer(path)
 
 
@@ -90,12 +94,11 @@ def load_retriever(cfg: ConfigDict, workdir: str, stage: str | None = None, *, m
   `stage` merged in ("adapt", "refine", "round2/refine", ...; None: `latest_adapters`, base alone before Stage 1),
   on `mesh` (default: the config's)."""
   from recall_jax.models import lora, peft_io
-  from recall_jax.models.qwen2_5_vl import names as qwen_names
   stage = stage or latest_adapters(cfg, workdir)
   adapter_dir = trained_adapters(cfg, workdir, stage) if stage else None
   model, tokenizer = load_base_model(cfg, workdir, mesh=mesh)
   if adapter_dir:
-    peft_io.import_peft(model, adapter_dir, names=qwen_names.PEFT_NAMES)
+    peft_io.import_peft(model, adapter_dir, names=family.of_model(model).peft_names)
     lora.merge_lora(model)
     place_model(model, cfg, mesh)
   return model, tokenizer, adapter_dir
@@ -112,11 +115,18 @@ def round_retriever(cfg: ConfigDict, workdir: str, round_num: int, *, mesh=None)
   return load_retriever(cfg, workdir, stage, mesh=mesh)
 
 
+def model_family(cfg: ConfigDict) -> family.Family:
+  """The configured backbone (config model.family)."""
+  return family.get(cfg.model.family)
+
+
 def encode_config(cfg: ConfigDict) -> pipeline.EncodeConfig:
-  d = cfg.data
+  """The data settings of the config with the image processor of its model family (patch size, mean / std)."""
+  d, fam = cfg.data, model_family(cfg)
   return pipeline.EncodeConfig(
-      image_buckets=ImageBuckets.from_config(d.image_buckets), query_lengths=tuple(d.query_lengths),
-      target_lengths=tuple(d.target_lengths), caption_join=d.caption_join)
+      image_buckets=ImageBuckets.from_config(d.image_buckets, factor=fam.image_factor),
+      query_lengths=tuple(d.query_lengths), target_lengths=tuple(d.target_lengths), caption_join=d.caption_join,
+      patch_size=fam.patch_size, image_mean=fam.image_mean, image_std=fam.image_std)
 
 
 def read_splits(cfg: ConfigDict, workdir: str, split: str) -> list[CIRSplit]:

@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 
 from recall_jax import files, parallel
 from recall_jax.data.synthetic import generate_world
-from recall_jax.models import qwen2_5_vl, tokenizers
+from recall_jax.models import family, tokenizers
 from recall_jax.stages.tokenizer_corpus import world_corpus
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import build_tiny_tokenizer
 from recall_jax.models.qwen2_5_vl.world_tokenizer import build_world_tokenizer
@@ -58,13 +58,15 @@ def run(cfg: ConfigDict, workdir: str, out: str) -> dict:
     manifest["world"] = {"root": root, "counts": world["counts"]}
   if checkpoint_dir(cfg, workdir) != cfg.model.checkpoint:  # model.checkpoint "" -> a tiny random checkpoint
     path = checkpoint_dir(cfg, workdir)
-    model_cfg = qwen2_5_vl.tiny_config(**cfg.model.tiny.to_dict())
+    fam = family.get(cfg.model.family)
+    model_cfg = fam.tiny_config(**cfg.model.tiny.to_dict())
     tokenizer = _tiny_tokenizer(cfg, workdir, model_cfg.text.vocab_size)
-    model = qwen2_5_vl.Qwen25VLModel(model_cfg, rngs=nnx.Rngs(cfg.model.init_seed))
-    qwen2_5_vl.save_pretrained(model, path)
+    model = fam.model_cls(model_cfg, rngs=nnx.Rngs(cfg.model.init_seed))
+    fam.save_pretrained(model, path)
     tokenizers.save_tokenizer(tokenizer, path)
     n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    manifest["checkpoint"] = {"path": path, "params": int(n), "random_init_seed": cfg.model.init_seed,
+    manifest["checkpoint"] = {"path": path, "family": fam.name, "params": int(n),
+                              "random_init_seed": cfg.model.init_seed,
                               "tokenizer": cfg.model.tiny_tokenizer, "vocab_size": len(tokenizer),
                               "text": dict(hidden_size=model_cfg.text.hidden_size,
                                            layers=model_cfg.text.num_hidden_layers),

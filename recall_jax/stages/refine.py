@@ -17,7 +17,6 @@ from ml_collections import ConfigDict
 from recall_jax import parallel, recall_config
 from recall_jax.data.records import Query
 from recall_jax.models import peft_io
-from recall_jax.models.qwen2_5_vl import names as qwen_names
 from recall_jax.stages import adapt, artifacts, common
 from recall_jax.train import settings
 
@@ -87,7 +86,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, round_num: int = 1, mesh=Non
   mesh = mesh if mesh is not None else parallel.mesh_from_config(cfg)
   model, tokenizer = common.load_base_model(cfg, workdir, mesh=mesh)
   # Continue from R_base (or round r-1); the trainer starts a fresh optimizer.
-  peft_io.import_peft(model, start_adapters, names=qwen_names.PEFT_NAMES)
+  peft_io.import_peft(model, start_adapters, names=common.model_family(cfg).peft_names)
   manifest = adapt.train_on(cfg, workdir, out, queries, splits, grouped=cfg.refine.grouped,
                             model=model, tokenizer=tokenizer, mesh=mesh, loop=loop, loss=loss)
   manifest.update(mode=mode, grouped=bool(cfg.refine.grouped), original_triplets=len(originals),

@@ -44,7 +44,7 @@ from recall_jax.generate import sft
 from recall_jax.data.synthetic import fresh
 from recall_jax.data.synthetic.attributes import ATTRIBUTES, CATEGORIES, VALUES
 from recall_jax.data.synthetic.oracle import Oracle
-from recall_jax.models import lora, qwen2_5_vl, tokenizers
+from recall_jax.models import family, lora, tokenizers
 from recall_jax.stages import artifacts, common, data_source, paths, teach_cache
 from recall_jax.train import generative, settings, trainer, vision_pretrain
 
@@ -97,7 +97,7 @@ def teach_vision(model, cfg: ConfigDict, workdir: str, out: str, train_splits: l
   path = os.path.join(out, VISION)
   figures_path = os.path.join(path, "vision_pretrain.json")
   if files.exists(figures_path):
-    nnx.update(model.visual, nnx.state(qwen2_5_vl.from_pretrained(path).visual, nnx.Param))
+    nnx.update(model.visual, nnx.state(family.of_model(model).from_pretrained(path).visual, nnx.Param))
     log.info("[teach] vision phase done already (%s); reusing it", path)
     return json.loads(files.read_text(figures_path))
   names = sorted({n for s in train_splits for n in s.images})
@@ -122,7 +122,7 @@ def teach_vision(model, cfg: ConfigDict, workdir: str, out: str, train_splits: l
     log.info("[teach] vision val accuracy: %s", " ".join(f"{a}={x:.2f}" for a, x in figures["val_accuracy"].items()))
   figures["images"], figures["fresh_images"] = len(names), v.fresh_images
   if parallel.is_writer():
-    qwen2_5_vl.save_pretrained(model, path)
+    family.of_model(model).save_pretrained(model, path)
     artifacts.atomic_write_json(figures_path, figures)
   return figures
 
@@ -193,7 +193,7 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, mesh=None) -> dict:
     lora.merge_lora(model)
   path = os.path.join(out, CHECKPOINT)
   if parallel.is_writer():
-    qwen2_5_vl.save_pretrained(model, path)
+    family.of_model(model).save_pretrained(model, path)
     tokenizers.save_tokenizer(tokenizer, path)
   quality = None
   if t.quality.enabled:

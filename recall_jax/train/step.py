@@ -21,7 +21,7 @@ from flax import nnx
 from recall_jax import losses
 from recall_jax.models import embedding
 from recall_jax.models.qwen2_5_vl.positions import position_ids_for
-from recall_jax.models.qwen2_5_vl.vision_geometry import batch_geometry
+from recall_jax.models.family import batch_geometry
 from recall_jax.train import gradcache
 
 SIDES = ("query", "target")

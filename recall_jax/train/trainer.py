@@ -31,8 +31,7 @@ from ml_collections import ConfigDict
 from recall_jax import faults, flops, hardware, parallel
 from recall_jax.data import pipeline
 from recall_jax.data.records import Query
-from recall_jax.models import lora, peft_io
-from recall_jax.models.qwen2_5_vl import names as qwen_names
+from recall_jax.models import family, lora, peft_io
 from recall_jax.train import settings
 from recall_jax.train import step as step_lib
 from recall_jax.train.checkpoint import Checkpoints
@@ -49,8 +48,8 @@ EvalFn = Callable[[Any], dict[str, float]]
 
 def add_adapters(model, cfg: ConfigDict, seed: int) -> list[str]:
   c = cfg.lora
-  return lora.apply_lora(model, c.target_regex or qwen_names.LORA_TARGET_REGEX, rank=c.rank, alpha=c.alpha,
-                         dropout=c.dropout, use_dora=c.use_dora, init=c.init,
+  return lora.apply_lora(model, c.target_regex or family.of_model(model).lora_target_regex, rank=c.rank,
+                         alpha=c.alpha, dropout=c.dropout, use_dora=c.use_dora, init=c.init,
                          rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
 
@@ -131,8 +130,8 @@ def train(cfg: ConfigDict, model, tokenizer, queries: Sequence[Query], *, datase
     # The vision geometry is global (replicated): one model call embeds a chunk of the global batch.
     return step_lib.host_batch(model.cfg, batch, images_per_call=t.global_batch_size // num_chunks)
 
-  adapters = flops.Adapters(regex=cfg.lora.target_regex or qwen_names.LORA_TARGET_REGEX, rank=cfg.lora.rank,
-                            dora=cfg.lora.use_dora, dropout=cfg.lora.dropout > 0)
+  adapters = flops.Adapters(regex=cfg.lora.target_regex or family.of_model(model).lora_target_regex,
+                            rank=cfg.lora.rank, dora=cfg.lora.use_dora, dropout=cfg.lora.dropout > 0)
 
   def step_flops(batch):
     return flops.train_step(model.cfg, batch=t.global_batch_size, num_chunks=num_chunks,
@@ -152,7 +151,7 @@ def train(cfg: ConfigDict, model, tokenizer, queries: Sequence[Query], *, datase
   adapter_dir = os.path.join(out_dir, "adapters")
   if result.steps == loop.steps and parallel.is_writer():
     # The base: the checkpoint the model was loaded from (the stages load common.foundation_checkpoint).
-    peft_io.export_peft(model, adapter_dir, names=qwen_names.PEFT_NAMES,
+    peft_io.export_peft(model, adapter_dir, names=family.of_model(model).peft_names,
                         base_model_name_or_path=getattr(model, "name_or_path", None))
   return dataclasses.replace(result, adapter_dir=adapter_dir)
 

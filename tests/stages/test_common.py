@@ -1,11 +1,14 @@
 """The retriever starts from the foundation model F: teach's checkpoint once that stage has finished, prepare's (or
 the configured one) before; adapters are only merged into the base they were trained on."""
 
+import dataclasses
 import os
+import types
 
 import pytest
 
 from configs import tiny as demo
+from recall_jax.models import family
 from recall_jax.stages import artifacts, common, paths
 
 
@@ -17,7 +20,9 @@ def _done(workdir, stage, manifest):
 def test_base_checkpoint_is_teach_once_it_has_finished(tmp_path, monkeypatch):
   workdir, cfg = str(tmp_path), demo.get_config()
   loaded = []
-  monkeypatch.setattr(common.qwen2_5_vl, "from_pretrained", lambda path, **kw: loaded.append(path) or "model")
+  model = types.SimpleNamespace(cfg=family.QWEN2_5_VL.tiny_config())
+  fam = dataclasses.replace(family.QWEN2_5_VL, from_pretrained=lambda path, **kw: loaded.append(path) or model)
+  monkeypatch.setattr(common.family, "of_checkpoint", lambda path, expected=None: fam)
   monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda path: "tokenizer")
   assert common.foundation_checkpoint(cfg, workdir) == paths.checkpoint_dir(cfg, workdir)
   common.load_base_model(cfg, workdir)
@@ -27,7 +32,7 @@ def test_base_checkpoint_is_teach_once_it_has_finished(tmp_path, monkeypatch):
   common.load_base_model(cfg, workdir, "/explicit")
   assert loaded == [paths.checkpoint_dir(cfg, workdir), "/taught", "/explicit"]
   # Mining before Stage 1: round 1 uses the base alone; round 2 needs round 1's refine.
-  assert common.round_retriever(cfg, workdir, 1) == ("model", "tokenizer", None)
+  assert common.round_retriever(cfg, workdir, 1) == (model, "tokenizer", None)
   with pytest.raises(FileNotFoundError, match="'refine' has not finished"):
     common.round_retriever(cfg, workdir, 2)
 

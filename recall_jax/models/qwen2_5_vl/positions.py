@@ -1,4 +1,5 @@
-"""Position ids for the Qwen2.5-VL language model, computed on the host in numpy.
+"""Position ids for the Qwen2.5-VL language model, computed on the host in numpy; Qwen3-VL's get_rope_index gives
+the same positions for images (it differs only for videos' timestamps), so both families use these functions.
 
 `get_rope_index` follows transformers' Qwen2_5_VLModel.get_rope_index (5.23) for images: text tokens count up by
 one; an image's tokens get (t, h, w) = start + (frame, row, column) over its merged grid; the text after an image

@@ -210,3 +210,14 @@ class Qwen3VLConfig:
             "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
         },
     }
+
+
+# Qwen3-VL-8B-Instruct's shapes, the paper's model (the AOT tool's default when config model.checkpoint is unset):
+# its decoder is Qwen3-8B's (4096 wide, 36 layers, 32 query / 8 KV heads of 128, SwiGLU 12288, rope theta 5e6,
+# untied head), its tower transformers' default (27 blocks of 1152, DeepStack after blocks 8, 16 and 24) projecting
+# to 4096. No checkpoint can be downloaded here; a real config.json (model.checkpoint) always takes precedence.
+QWEN3_VL_8B = Qwen3VLConfig(
+    vision=VisionConfig(out_hidden_size=4096),
+    text=TextConfig(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=128, rope_theta=5000000.0, max_position_embeddings=262144),
+)
