@@ -12,6 +12,18 @@ from recall_jax.models.remat import RematPolicy
 PositionMode = Literal["mrope", "sequential"]
 
 
+def read_config_json(checkpoint_dir: str) -> tuple[dict[str, Any], str]:
+  """(the checkpoint's config.json as a dict, its path); a missing or malformed file raises naming it."""
+  path = os.path.join(checkpoint_dir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no config.json in checkpoint directory")
+  try:
+    with open(path) as f:
+      return json.load(f), path
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: malformed JSON ({e})") from e
+
+
 def _first_id(value: Any, default: int) -> int:
   """Token id fields may be an int, a list of ints (several EOS ids) or absent."""
   if value is None:
@@ -153,14 +165,7 @@ class Qwen25VLConfig:
 
   @classmethod
   def from_pretrained(cls, checkpoint_dir: str) -> "Qwen25VLConfig":
-    path = os.path.join(checkpoint_dir, "config.json")
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path}: no config.json in checkpoint directory")
-    try:
-      with open(path) as f:
-        d = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: malformed JSON ({e})") from e
+    d, path = read_config_json(checkpoint_dir)
     return cls.from_hf_dict(d, source=path)
 
   def to_hf_dict(self) -> dict[str, Any]:

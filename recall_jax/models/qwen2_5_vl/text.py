@@ -78,12 +78,15 @@ class Attention(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). Qwen3-VL's layer is this one with its own
+  `attention_cls`."""
+
+  attention_cls = Attention
 
   def __init__(self, cfg: TextConfig, *, dtype: DTypeLike, param_dtype: DTypeLike, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-    self.self_attn = Attention(cfg, **kw)
+    self.self_attn = self.attention_cls(cfg, **kw)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
     self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, use_bias=False, **kw)
 

@@ -10,11 +10,9 @@ The fields the rest of recall_jax reads off a model config (`vision.spatial_merg
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
-from recall_jax.models.qwen2_5_vl.config import PositionMode, _first_id
+from recall_jax.models.qwen2_5_vl.config import PositionMode, _first_id, read_config_json
 from recall_jax.models.remat import RematPolicy
 
 MODEL_TYPE = "qwen3_vl"
@@ -154,14 +152,7 @@ class Qwen3VLConfig:
 
   @classmethod
   def from_pretrained(cls, checkpoint_dir: str) -> "Qwen3VLConfig":
-    path = os.path.join(checkpoint_dir, "config.json")
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path}: no config.json in checkpoint directory")
-    try:
-      with open(path) as f:
-        d = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: malformed JSON ({e})") from e
+    d, path = read_config_json(checkpoint_dir)
     return cls.from_hf_dict(d, source=path)
 
   def to_hf_dict(self) -> dict[str, Any]:

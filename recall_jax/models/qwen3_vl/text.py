@@ -18,7 +18,8 @@ from jax.typing import DTypeLike
 
 from recall_jax.models import remat as remat_lib
 from recall_jax.models.qwen2_5_vl import rope
-from recall_jax.models.qwen2_5_vl.layers import RMSNorm, SwiGLUMLP
+from recall_jax.models.qwen2_5_vl import text as qwen2_5_text
+from recall_jax.models.qwen2_5_vl.layers import RMSNorm
 from recall_jax.models.qwen2_5_vl.text import causal_mask, causal_padding_mask
 from recall_jax.models.qwen3_vl.config import TextConfig
 
@@ -72,21 +73,10 @@ class Attention(nnx.Module):
     return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
 
 
-class DecoderLayer(nnx.Module):
-  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+class DecoderLayer(qwen2_5_text.DecoderLayer):
+  """Qwen2.5-VL's pre-norm block (norms, SwiGLU MLP, residuals) with the q/k-normed attention."""
 
-  def __init__(self, cfg: TextConfig, *, dtype: DTypeLike, param_dtype: DTypeLike, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-    self.self_attn = Attention(cfg, **kw)
-    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-    self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, use_bias=False, **kw)
-
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: LayerCache | None = None,
-               index: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
-    h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index)
-    x = x + h
-    return x + self.mlp(self.post_attention_layernorm(x)), cache
+  attention_cls = Attention
 
 
 class TextModel(nnx.Module):
