@@ -168,6 +168,7 @@ def get_config() -> ml_collections.ConfigDict:
   # "describe": F writes what the pictures show, then P(yes) is read after "Answer:" (generate/sft.py); "direct".
   c.calibrate.verify_reasoning = "direct"
   c.calibrate.describe_max_tokens = 64
+  c.calibrate.verify_turns = 1  # 2 (describe reasoning): Picture 1 + text, then Picture 2 (prompt_files.VerifyTurns)
   c.calibrate.decomposed_verification = False  # also verify one statement per intent; P(yes) = min over all
   c.calibrate.oracle = True  # score rewrites and VQA decisions with the world's oracle when scene graphs exist
   c.calibrate.sheet_samples = 8

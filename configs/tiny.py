@@ -34,4 +34,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.calibrate.prompt_lengths = (1024, 2048)
   c.calibrate.max_new_tokens = 192
   c.calibrate.verify_reasoning = "direct"
+  c.calibrate.verify_turns = 1
   return c

@@ -6,7 +6,7 @@ items of 80% of the train queries and measures the other 20% (never val):
 
 Formats: A "Change: <picture 1 -> 2>. Asked: <the text's change>"; E the asked caption after Picture 2's, then
 per-attribute checks; G (what sft.verify_summary writes) the asked caption before Picture 2's (which is given, as
-F would read it), then the checks; F = A + checks; R the staged rewrite's new text from the two captions.
+F would read it), then the checks; F = A + checks; S = G with the asked garment as slots; R the staged rewrite's new text from the two captions.
 
   python -m recall_jax.main --config configs/demo.py --workdir /tmp/probe_wd --config.stages=prepare
   python probes/verify_reading.py --format G --steps 600 --workdir /tmp/probe_wd
@@ -14,6 +14,8 @@ Measured 2026-12-02 (2 cores, ~7 min a run): A 0.86 / 0.55 after 600 steps; G 1.
 0.71 generated after 600 (yes-rate 0.79 at 0.95); E 1.00 / 1.00, generated 0.72 (it copies Picture 2's caption).
 Measured 2026-12-03: G with --cw 20 (each same/differs token weighted 20) 1.00 / 1.00, generated 0.65 (yes-rate
 0.77, reading exact 0.47): the checks are not the bottleneck; writing the asked caption from Picture 1 and the text is.
+Measured 2026-12-03: S (G with the asked garment as attribute slots, what sft.verify_turn_answers writes) 1.00 /
+1.00, reading-exact(tf) 0.91 after 600 steps; generated 0.937 at 0.95 (yes-rate 0.56, reading exact 0.93).
 """
 import argparse, sys, time, json
 import numpy as np
@@ -86,6 +88,11 @@ def reading(fmt, oracle, r, c, t):
   elif fmt == "G":
     checks = sft.attribute_checks(wanted, gc)
     return (f"Text: {t}\nPicture 1: {c1}.", [(f" Asked: {language.describe_garment(wanted)}. Picture 2:", True),
+            (f" {c2}.", False), (f" Check: {checks}. Answer:", True)], " yes" if yes else " no", yes)
+  elif fmt == "S":  # G with the asked garment as attribute slots in CHECKED order, not a caption
+    checks = sft.attribute_checks(wanted, gc)
+    slots = ", ".join(f"{a} {wanted.get(a)}" for a in sft.ATTRIBUTES)
+    return (f"Text: {t}\nPicture 1: {c1}.", [(f" Asked: {slots}. Picture 2:", True),
             (f" {c2}.", False), (f" Check: {checks}. Answer:", True)], " yes" if yes else " no", yes)
   elif fmt == "R":  # the staged rewrite's new text from the two captions
     if not gr.diff(gc):

@@ -55,6 +55,7 @@ def _enums() -> dict[str, Sequence[Any]]:
       "calibrate.prompt_mode": parse.MODES,
       "calibrate.rewriter": calibrate.REWRITERS,
       "calibrate.verify_reasoning": decide.REASONING,
+      "calibrate.verify_turns": sft.VERIFY_TURNS,
       "refine.mode": refine.MODES,
   }
 

@@ -111,6 +111,16 @@ def chat_prompt(system: Optional[str], user_content: Sequence[Mapping[str, Any]]
   return prompt
 
 
+def follow_up_prompt(prompt: str, answer: str, text: str, picture: int) -> str:
+  """A generation prompt continued by one more exchange, as Qwen's chat template renders a conversation: `prompt`
+  (ending with the assistant header), the assistant's `answer` and <|im_end|>, then a user turn "Picture <picture>:
+  <image><text>" (`picture` continues the conversation's image numbering), then the assistant header."""
+  if not prompt.endswith(f"{IM_START}assistant\n"):
+    raise ValueError("a follow-up continues a generation prompt, which ends with the assistant header")
+  return (f"{prompt}{answer}{IM_END}\n{IM_START}user\nPicture {picture}: {IMAGE_PLACEHOLDER}{text}{IM_END}\n"
+          f"{IM_START}assistant\n")
+
+
 def picture_content(num_images: int, text: str) -> list[dict[str, str]]:
   """User content with `num_images` images followed by `text` (render with add_vision_id for "Picture k: ")."""
   if num_images < 1:

@@ -14,6 +14,9 @@ tiny byte-level vocabularies), so in this mode each answer word is scored by the
 that already starts with whitespace is taken as it is). An item whose text lacks the marker has not decided:
 P(yes) = 0 (a strict filter rejects it), and it is flagged (`Decisions.no_marker`).
 
+reasoning "describe" in two turns (two_turn_yes_probability; calibrate.verify_turns = 2): greedy-decode each first
+turn, append F's reading and the second turn to it, then decide that conversation as above.
+
 The prefix is tokenised on its own and its ids appended to the prompt's, as the SFT data tokenises prompt and answer
 separately (sft.tokenize_example): pass (b) sees the token layout F was trained on. Prompt + prefix are padded to
 the smallest of `lengths` that fits (calibrate.prompt_lengths, also the Sampler's cache buckets).
@@ -110,6 +113,19 @@ def _fill(items: list, size: int) -> list:
   return items + [items[-1]] * (size - len(items))
 
 
+def _greedy_texts(sampler: Any, tokenizer: Any, items: list, load: Callable, encode_cfg: pipeline.EncodeConfig,
+                  lengths: Sequence[int], batch_size: int, max_new_tokens: int) -> list[str]:
+  """What F writes (greedy) after each (prompt, images), in batches of batch_size."""
+  texts: list[str] = []
+  for start in range(0, len(items), batch_size):
+    chunk = items[start:start + batch_size]
+    rows = _fill(chunk, batch_size)
+    out = sampler.generate(**build_inputs(tokenizer, [p for p, _ in rows], [i for _, i in rows], load, encode_cfg,
+                                          lengths), max_new_tokens=max_new_tokens)
+    texts += sampler.decode_text(out)[:len(chunk)]
+  return texts
+
+
 def yes_probability(sampler: Any, tokenizer: Any, prompt_texts: Sequence[str], image_lists: Sequence[Sequence[str]],
                     *, load: Callable, encode_cfg: pipeline.EncodeConfig, lengths: Sequence[int], batch_size: int,
                     answer_words: Sequence[str] = ("no", "yes"), reasoning: str = "direct",
@@ -137,16 +153,29 @@ def yes_probability(sampler: Any, tokenizer: Any, prompt_texts: Sequence[str], i
 
   if reasoning == "direct":
     return Decisions(score(items, None), (None,) * n, np.zeros((n,), bool))
-  texts: list[str] = []
-  for start in range(0, n, batch_size):
-    chunk = items[start:start + batch_size]
-    rows = _fill(chunk, batch_size)
-    out = sampler.generate(**build_inputs(tokenizer, [p for p, _ in rows], [i for _, i in rows], load, encode_cfg,
-                                          lengths), max_new_tokens=max_new_tokens)  # greedy
-    texts += sampler.decode_text(out)[:len(chunk)]
+  texts = _greedy_texts(sampler, tokenizer, items, load, encode_cfg, lengths, batch_size, max_new_tokens)
   prefixes = [prefix_through_marker(t) for t in texts]
   decided = [k for k, p in enumerate(prefixes) if p is not None]
   p_yes = np.zeros((n,), np.float64)
   if decided:
     p_yes[decided] = score([items[k] for k in decided], [prefixes[k] for k in decided])
   return Decisions(p_yes, tuple(texts), np.asarray([p is None for p in prefixes], bool).reshape(n))
+
+
+def two_turn_yes_probability(sampler: Any, tokenizer: Any, first_turns: Sequence[tuple[str, Sequence[str]]],
+                             second_turn: Callable[[int, str], tuple[str, Sequence[str]]], *, load: Callable,
+                             encode_cfg: pipeline.EncodeConfig, lengths: Sequence[int], batch_size: int,
+                             answer_words: Sequence[str] = ("no", "yes"), max_new_tokens: int = 64) -> Decisions:
+  """P(yes) of conversations in two turns (describe reasoning): F answers each first turn (prompt, images) greedily;
+  `second_turn(k, F's answer to first_turns[k])` gives item k's conversation continued by its second turn (prompt,
+  images), which is then decided as yes_probability(reasoning="describe") decides. Equal first turns are decoded
+  once. Texts are F's two answers, one per line."""
+  distinct = list(dict.fromkeys((p, tuple(i)) for p, i in first_turns))
+  decoded = dict(zip(distinct, _greedy_texts(sampler, tokenizer, distinct, load, encode_cfg, lengths, batch_size,
+                                             max_new_tokens)))
+  firsts = [decoded[(p, tuple(i))].strip() for p, i in first_turns]
+  seconds = [second_turn(k, text) for k, text in enumerate(firsts)]
+  d = yes_probability(sampler, tokenizer, [p for p, _ in seconds], [i for _, i in seconds], load=load,
+                      encode_cfg=encode_cfg, lengths=lengths, batch_size=batch_size, answer_words=answer_words,
+                      reasoning="describe", max_new_tokens=max_new_tokens)
+  return Decisions(d.p_yes, tuple(f"{a}\n{b}" for a, b in zip(firsts, d.texts)), d.no_marker)

@@ -15,6 +15,9 @@ With cfg.calibrate.verify_reasoning = "describe" (an F taught with teach.reasoni
 the pictures show (greedy, up to calibrate.describe_max_tokens tokens), and P(yes) is read right after its
 "Answer:", over the first tokens of " no" / " yes" (`generate.decide`); a description without the marker gives
 P(yes) = 0, counted as `verify_no_marker`, and each sample keeps what F wrote (`verify_text`).
+With cfg.calibrate.verify_turns = 2 the verification is a conversation of two turns (`verify_ask`, then
+`verify_check` templates; prompt_files.VerifyTurns): F reads Picture 1 and the text into Picture 1's caption and
+the asked garment's attributes, and only then sees Picture 2, checks it and decides.
 The triplet is kept when P(yes) >= cfg.calibrate.vqa_threshold. With cfg.calibrate.decomposed_verification, each
 per-intent statement is verified too (`verify_intent` template) and P(yes) is the minimum over all questions.
 
@@ -109,6 +112,11 @@ class Calibrator:
     if ccfg.verify_reasoning not in decide.REASONING:
       raise ValueError(f"config calibrate.verify_reasoning must be one of {decide.REASONING}, got "
                        f"{ccfg.verify_reasoning!r}")
+    if ccfg.verify_turns not in sft.VERIFY_TURNS:
+      raise ValueError(f"config calibrate.verify_turns must be one of {sft.VERIFY_TURNS}, got {ccfg.verify_turns}")
+    if ccfg.verify_turns == 2 and ccfg.verify_reasoning != "describe":
+      raise ValueError("config calibrate.verify_turns = 2 is a reading in two turns, which needs "
+                       f"calibrate.verify_reasoning = 'describe', got {ccfg.verify_reasoning!r}")
     if ccfg.describe_max_tokens < 1:
       raise ValueError(f"config calibrate.describe_max_tokens must be >= 1, got {ccfg.describe_max_tokens}")
     self.sampler, self.tokenizer, self.ccfg = sampler, tokenizer, ccfg
@@ -116,6 +124,7 @@ class Calibrator:
     self.rewrite_template = prompt_files.load_template(prompt_files.REWRITE_TEMPLATES[ccfg.prompt_mode],
                                                        ccfg.prompt_dir)
     self.verify_template = prompt_files.load_template(prompt_files.VERIFY_TEMPLATE, ccfg.prompt_dir)
+    self.verify_turns = prompt_files.VerifyTurns.load(ccfg.prompt_dir) if ccfg.verify_turns == 2 else None
     self.intent_template = (prompt_files.load_template(prompt_files.VERIFY_INTENT_TEMPLATE, ccfg.prompt_dir)
                             if ccfg.decomposed_verification else None)
     self.answer_ids = answer_token_ids(tokenizer, ccfg.answer_words, ccfg.verify_reasoning)
@@ -146,15 +155,23 @@ class Calibrator:
         batch_size=c.batch_size, answer_words=c.answer_words, reasoning=c.verify_reasoning,
         max_new_tokens=c.describe_max_tokens)
 
-  def p_yes(self, template: str, items: Sequence[tuple[str, str, str]]) -> np.ndarray:
-    """P(yes) of the verification prompt per item."""
-    return self.decide(template, items).p_yes
+  def decide_holistic(self, items: Sequence[tuple[str, str, str]]) -> decide.Decisions:
+    """The verification's decisions per (reference, candidate, text): the verify template's, or with
+    calibrate.verify_turns = 2 the two-turn conversation's (Picture 1 and the text, then Picture 2)."""
+    if self.verify_turns is None:
+      return self.decide(self.verify_template, items)
+    c, turns = self.ccfg, self.verify_turns
+    return decide.two_turn_yes_probability(
+        self.sampler, self.tokenizer, [(turns.first(t), (r,)) for r, _, t in items],
+        lambda k, answer: (turns.second(items[k][2], answer), items[k][:2]), load=self.load,
+        encode_cfg=self.encode_cfg, lengths=c.prompt_lengths, batch_size=c.batch_size, answer_words=c.answer_words,
+        max_new_tokens=c.describe_max_tokens)
 
   def verify(self, items: Sequence[tuple[str, str, str]], statements: Sequence[Sequence[str]]
              ) -> tuple[np.ndarray, np.ndarray, list[list[float]], list[dict]]:
     """(final P(yes), holistic P(yes), per-statement P(yes) lists, what F wrote) per item; the last is
     {"verify_text", "verify_statement_texts", "verify_no_marker"} (texts None with direct reasoning)."""
-    holistic = self.decide(self.verify_template, items)
+    holistic = self.decide_holistic(items)
     per_statement: list[list[float]] = [[] for _ in items]
     notes = [{"verify_text": t, "verify_statement_texts": [], "verify_no_marker": bool(m)}
              for t, m in zip(holistic.texts, holistic.no_marker)]
@@ -255,7 +272,7 @@ def calibrate_batch(calibrator: Calibrator, batch: list[dict], rng: Optional[jax
         "p_yes": None if j is None else float(final[j]),
         "p_yes_holistic": None if j is None else float(holistic[j]),
         "p_yes_statements": None if j is None else per_statement[j],
-        "verify_reasoning": ccfg.verify_reasoning,
+        "verify_reasoning": ccfg.verify_reasoning, "verify_turns": ccfg.verify_turns,
         **(notes[j] if j is not None else {"verify_text": None, "verify_statement_texts": None,
                                            "verify_no_marker": None}),
         "oracle_correct": None, "oracle_unparseable": None, "error": errors.get(k),
@@ -432,7 +449,8 @@ def run(cfg: ConfigDict, workdir: str, out: str, *, model=None, tokenizer=None,
       "rewriter": ccfg.rewriter, "vqa_filter": bool(ccfg.vqa_filter),
       "max_records": ccfg.max_records, "vqa_threshold": ccfg.vqa_threshold, "answer_words": list(ccfg.answer_words),
       "answer_token_ids": calibrator.answer_ids, "decomposed_verification": bool(ccfg.decomposed_verification),
-      "verify_reasoning": ccfg.verify_reasoning, "describe_max_tokens": ccfg.describe_max_tokens,
+      "verify_reasoning": ccfg.verify_reasoning, "verify_turns": ccfg.verify_turns,
+      "describe_max_tokens": ccfg.describe_max_tokens,
       "oracle": "scene graphs" if oracle is not None else "unavailable" if ccfg.oracle else "off",
       "statistics": stats,
       # This run's own samples (a resumed run times only what it generated): rewrite, verify, write.

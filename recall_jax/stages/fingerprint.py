@@ -23,7 +23,7 @@ from recall_jax.stages import paths
 
 # Config sections per stage (dotted prefixes). A stage depends on its own and on all earlier stages' sections.
 # Dotted names pick one field of another stage's section: the fields a stage reads before that stage runs.
-_TEMPLATES = ("calibrate.prompt_dir", "calibrate.prompt_mode")
+_TEMPLATES = ("calibrate.prompt_dir", "calibrate.prompt_mode", "calibrate.verify_turns")
 SECTIONS = {
     # The world tokenizer's corpus holds the rewrite / verification prompts and answers (stages/tokenizer_corpus.py).
     "prepare": ("world", "model", "data") + _TEMPLATES + ("teach.reasoning",),

@@ -114,7 +114,7 @@ def _verifies(calibrator: calibrate.Calibrator, oracle: Oracle, queries: list, n
     for candidate, t in ((q.target, text), (instance, text), (instance, new), (q.target, new)):
       items.append((q.reference, candidate, t))
       truth.append(oracle.judge(q.reference, t, candidate))
-  d = calibrator.decide(calibrator.verify_template, items)
+  d = calibrator.decide_holistic(items)
   yes = d.p_yes >= calibrator.ccfg.vqa_threshold
   examples = [{"reference": r, "candidate": c, "text": t, "oracle": bool(o), "p_yes": float(p), "verify_text": w}
               for (r, c, t), o, p, w in list(zip(items, truth, d.p_yes, d.texts))[:EXAMPLES]]

@@ -36,6 +36,7 @@ def _tiny_tokenizer(cfg: ConfigDict, workdir: str, vocab_size: int):
                        "use model.tiny_tokenizer='bytes' (or a real checkpoint)")
     corpus = world_corpus(world_root(cfg, workdir), prompt_dir=cfg.calibrate.prompt_dir,
                           prompt_mode=cfg.calibrate.prompt_mode, reasoning=cfg.teach.reasoning,
+                          verify_turns=cfg.calibrate.verify_turns,
                           caption_join=cfg.data.caption_join, seed=cfg.world.seed)
     tokenizer = build_world_tokenizer(corpus, vocab_size)
   if len(tokenizer) > vocab_size:

@@ -61,7 +61,7 @@ def sft_config(cfg: ConfigDict) -> sft.SFTConfig:
                        prompt_dir=cfg.calibrate.prompt_dir, caption_join=cfg.data.caption_join,
                        reasoning=t.reasoning, vqa_pairs=t.vqa_pairs, prompt_mode=cfg.calibrate.prompt_mode,
                        repeats=tuple((task, int(k)) for task, k in t.repeats.items()),
-                       decision_weight=float(t.decision_weight))
+                       decision_weight=float(t.decision_weight), verify_turns=int(cfg.calibrate.verify_turns))
 
 
 _VALUES = {"category": CATEGORIES, **VALUES}

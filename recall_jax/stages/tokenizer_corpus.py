@@ -20,7 +20,7 @@ _SPECIALS = re.compile("|".join(re.escape(t) for t in TINY_TOKEN_IDS))
 
 
 def world_corpus(world_root: str, *, prompt_dir: str = "", prompt_mode: str = "minimal_json", reasoning: str = "direct",
-                 caption_join: str = "and", seed: int = 0) -> list[str]:
+                 verify_turns: int = 1, caption_join: str = "and", seed: int = 0) -> list[str]:
   """Texts of the world's training splits under `world_root` (FashionIQ and CIRR layouts), in a fixed order."""
   splits = []
   if files.is_dir(os.path.join(world_root, "fashioniq")):
@@ -34,6 +34,6 @@ def world_corpus(world_root: str, *, prompt_dir: str = "", prompt_mode: str = "m
     for q in split.queries:
       texts.append(prompts.query_prompt(split.dataset, q.captions, q.category, caption_join=caption_join))
     cfg = sft.SFTConfig(lengths=(1,), batch_size=1, prompt_dir=prompt_dir, caption_join=caption_join,
-                        prompt_mode=prompt_mode, reasoning=reasoning)
+                        prompt_mode=prompt_mode, reasoning=reasoning, verify_turns=verify_turns)
     texts += [e.prompt + e.answer for e in sft.build_examples(split.queries, split.images, cfg, seed=seed)]
   return [_SPECIALS.sub("\n", t) for t in texts]

@@ -40,7 +40,8 @@ def run(cfg: ConfigDict, workdir: str, splits: Sequence[CIRSplit], out: str, *,
   """Writes verify_<split>.json under `out` for every split with ground truths; returns the summary."""
   splits = [s for s in splits if s.queries and s.queries[0].targets]
   checkpoint = common.foundation_checkpoint(cfg, workdir)
-  summary = {"checkpoint": checkpoint, "threshold": cfg.calibrate.vqa_threshold, "template": "verify", "splits": {}}
+  template = "verify" if cfg.calibrate.verify_turns == 1 else " + ".join(prompt_files.VERIFY_TURN_TEMPLATES)
+  summary = {"checkpoint": checkpoint, "threshold": cfg.calibrate.vqa_threshold, "template": template, "splits": {}}
   if not splits:
     return summary
   if sampler is None:
@@ -52,7 +53,7 @@ def run(cfg: ConfigDict, workdir: str, splits: Sequence[CIRSplit], out: str, *,
   files.makedirs(out)
   for split in splits:
     tag = split.dataset + (f"_{split.category}" if split.category else "")
-    p_yes = calibrator.p_yes(calibrator.verify_template, split_items(split, cfg.data.caption_join))
+    p_yes = calibrator.decide_holistic(split_items(split, cfg.data.caption_join)).p_yes  # as Stage 3 verifies
     if not np.isfinite(p_yes).all():
       raise ValueError(f"foundation verification of {tag}: non-finite P(yes) from {checkpoint}")
     path = write_json_atomic(os.path.join(out, f"verify_{tag}.json"), {

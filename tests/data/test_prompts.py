@@ -177,3 +177,16 @@ def test_tokenize_batch_overflow_names_prompt(tokenizer):
     prompts.tokenize_batch(tokenizer, texts, [[], [1], []], [8], padding_side="middle")
   with pytest.raises(ValueError, match="3 prompts but 2"):
     prompts.tokenize_batch(tokenizer, texts, [[], [1]], [8])
+
+
+def test_follow_up_prompt_equals_chat_template_of_the_conversation(tokenizer):
+  first = prompts.multi_image_prompt("Describe it.", 1, system="S")
+  got = prompts.follow_up_prompt(first, "A red dress.", "And this one?", picture=2)
+  messages = [{"role": "system", "content": "S"},
+              {"role": "user", "content": prompts.picture_content(1, "Describe it.")},
+              {"role": "assistant", "content": "A red dress."},
+              {"role": "user", "content": prompts.picture_content(1, "And this one?")}]
+  assert got == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                              add_vision_id=True)
+  with pytest.raises(ValueError, match="assistant header"):
+    prompts.follow_up_prompt(first + "x", "A red dress.", "And this one?", picture=2)

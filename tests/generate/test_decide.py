@@ -57,9 +57,9 @@ def setup(fashioniq_train):
   return model, build_tiny_tokenizer(), pipeline.FileImages(images), sorted(images)
 
 
-def _p_yes_by_forward(model, tokenizer, load, prompt, images, words):
+def _p_yes_by_forward(model, tokenizer, load, prompt, images, words, lengths=LENGTHS):
   """Softmax over the words' first tokens at the last position of a full forward of `prompt`."""
-  inputs = decide.build_inputs(tokenizer, [prompt], [images], load, ENCODE, LENGTHS)
+  inputs = decide.build_inputs(tokenizer, [prompt], [images], load, ENCODE, lengths)
   ids = [tokenizer.encode(w, add_special_tokens=False)[0] for w in words]
   logits = np.asarray(model(**inputs).logits, np.float64)[0, -1, ids]
   return np.exp(logits[1]) / np.exp(logits).sum()
@@ -162,3 +162,33 @@ def test_calibrate_batch_records_what_f_wrote(setup):
   assert [s["verify_no_marker"] for s in samples] == [False, True]
   assert samples[1]["p_yes"] == 0.0 and 0.0 < samples[0]["p_yes"] < 1.0
   assert calibrate.statistics(samples, 2)["verify_no_marker"] == 1
+
+
+def test_two_turn_verification_decides_the_conversation(setup):
+  """calibrate.verify_turns = 2: F answers the first turn (Picture 1 + text) once per distinct (reference, text),
+  the second turn continues that conversation with Picture 2, and P(yes) equals a forward of the whole
+  conversation + F's second reading through its marker."""
+  model, tokenizer, load, names = setup
+  ccfg = base.get_config().calibrate
+  ccfg.verify_reasoning, ccfg.verify_turns, ccfg.batch_size, ccfg.prompt_lengths = "describe", 2, BATCH, (768, 1024)
+  script = {"slots A": "Picture 2: x. Check: all same. Answer: yes", "slots B": "no idea",
+            'Instruction: "is red"': "Picture 1: p. Asked: slots A",
+            'Instruction: "has dots"': "Picture 1: q. Asked: slots B"}
+  sampler = ScriptedSampler(model, tokenizer, script, cache_buckets=ccfg.prompt_lengths)
+  calibrator = calibrate.Calibrator(sampler, tokenizer, ccfg, ENCODE, load)
+  items = [(names[0], names[1], "is red"), (names[0], names[2], "is red"), (names[3], names[4], "has dots")]
+  d = calibrator.decide_holistic(items)
+  generated = [s for s in sampler.shapes if s[0] == "generate"]
+  assert len(generated) == 1 + 2  # two distinct first turns (one batch), three second turns (two batches)
+  assert d.texts[0] == d.texts[1] == "Picture 1: p. Asked: slots A\nPicture 2: x. Check: all same. Answer: yes"
+  assert d.texts[2] == "Picture 1: q. Asked: slots B\nno idea" and list(d.no_marker) == [False, False, True]
+  turns = calibrate.prompt_files.VerifyTurns.load(ccfg.prompt_dir)
+  conversation = turns.second("is red", "Picture 1: p. Asked: slots A") + "Picture 2: x. Check: all same. Answer:"
+  for k in (0, 1):
+    expected = _p_yes_by_forward(model, tokenizer, load, conversation, items[k][:2], (" no", " yes"),
+                                 ccfg.prompt_lengths)
+    np.testing.assert_allclose(d.p_yes[k], expected, rtol=1e-4)
+  assert d.p_yes[0] != d.p_yes[1] and d.p_yes[2] == 0.0  # Picture 2 is read; no marker decides nothing
+  ccfg.verify_reasoning = "direct"
+  with pytest.raises(ValueError, match="calibrate.verify_turns"):
+    calibrate.Calibrator(sampler, tokenizer, ccfg, ENCODE, load)

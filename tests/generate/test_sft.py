@@ -247,3 +247,39 @@ def test_staged_rewrites_and_task_repeats(fashioniq_train):
   assert sorted(counts) == list(range(len(examples)))
   with pytest.raises(ValueError, match="teach.repeats"):
     sft.SFTConfig(lengths=LENGTHS, batch_size=4, repeats=(("poem", 2),))
+
+
+def test_two_turn_verification_shows_picture_2_after_the_asked_garment(fashioniq_train):
+  """verify_turns = 2: a verify_ask example (Picture 1 + text -> Picture 1's caption and the asked slots) per
+  (query, text), and verify examples that continue exactly that exchange with Picture 2, whose checks and decision
+  agree with the oracle."""
+  queries, images = fashioniq_train
+  oracle = Oracle(images)
+  cfg = sft.SFTConfig(lengths=LENGTHS, batch_size=4, reasoning="describe", verify_turns=2)
+  examples = sft.build_examples(queries, images, cfg, seed=0)
+  asks = {(e.source, e.prompt): e for e in examples if e.task == sft.VERIFY_ASK}
+  verifies = [e for e in examples if e.task == "verify"]
+  assert asks and len(verifies) >= len(asks)
+  for e in asks.values():
+    assert len(e.images) == 1 and e.prompt.count(prompts.IMAGE_PLACEHOLDER) == 1
+    text = e.prompt.split('Instruction: "')[1].split('"\n')[0]
+    wanted = oracle_lib.implied(oracle.garment(e.images[0]), text)
+    assert e.answer == (f"Picture 1: {oracle.describe(e.images[0])}. {sft.ASKED_MARKER} "
+                        + ", ".join(f"{a} {wanted.get(a)}" for a in ("colour", "pattern", "sleeves", "length",
+                                                                     "neckline")))
+  turns = prompt_files.VerifyTurns.load()
+  for e in verifies:
+    text = e.prompt.split('Instruction: "')[1].split('"\n')[0]
+    first = asks[(e.source, turns.first(text))]
+    assert first.images == e.images[:1]
+    assert e.prompt == turns.second(text, first.answer)
+    assert e.prompt.index(sft.ASKED_MARKER) < e.prompt.index("Picture 2: " + prompts.IMAGE_PLACEHOLDER)
+    reading, decision = e.answer.split(f". {sft.ANSWER_MARKER} ")
+    second, checks = reading.split(f". {sft.CHECK_MARKER} ")
+    assert second == f"Picture 2: {oracle.describe(e.images[1])}"
+    assert decision == ("yes" if oracle.judge(e.images[0], text, e.images[1]) else "no") == (
+        "no" if sft.DIFFERS in checks else "yes")
+  with pytest.raises(ValueError, match="teach.reasoning"):
+    sft.SFTConfig(lengths=LENGTHS, batch_size=4, verify_turns=2)
+  with pytest.raises(ValueError, match="calibrate.verify_turns"):
+    sft.SFTConfig(lengths=LENGTHS, batch_size=4, reasoning="describe", verify_turns=3)
