@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
   # chance (teacher-forced P(yes) 0.57 vs 0.41 on train, never >= 0.95); at 20 they move within 300 steps.
   c.teach.decision_weight = 20.0
   c.teach.repeats = ml_collections.ConfigDict({"rewrite": 2})  # 1,050 rewrites beside 6,584 questions
-  c.teach.lengths = (64, 256)  # questions; verifications (<= ~250 tokens with their checks) and staged-CoT rewrites
+  c.teach.lengths = (64, 256)  # questions; verifications (two turns: <= 253 tokens) and staged-CoT rewrites
   c.teach.batch_size = 32
   c.teach.steps = 1500
   c.teach.trainable_regex = ".*"  # a tiny random model: everything moves
@@ -76,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Compact prompts <= ~150 tokens; a verification's second turn with both readings <= ~240 (384: room for an F
   # that writes its first reading past the taught length).
   c.calibrate.prompt_lengths = (160, 256, 384)
-  c.calibrate.describe_max_tokens = 112  # a verification's reading (captions, asked caption, checks) is <= 106 tokens
+  c.calibrate.describe_max_tokens = 112  # a verification's reading is <= 106 tokens (one turn); a turn's <= 60
   c.calibrate.max_new_tokens = 80  # a staged answer (two captions + the new text) is <= ~70 tokens
   c.calibrate.verify_reasoning = "describe"
   # Two turns: F writes the asked garment before it sees Picture 2 (sft.verify_turn_answers). Chosen by the

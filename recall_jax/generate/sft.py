@@ -19,7 +19,8 @@ Four tasks, all built from the training split's scene graphs (`Oracle`):
            in staged_cot mode also (instance, canonical edit) yes, (target, canonical edit) no.
            With verify_turns = 2 (describe reasoning) a verification is a conversation of two turns: task
            "verify_ask" (Picture 1 + the text -> Picture 1's caption and the asked garment's slots), and "verify"
-           (that exchange, then Picture 2 -> its caption, the checks and the decision); verify_turn_answers.
+           (that exchange, then Picture 2 -> its caption, the checks with both values, the decision);
+           verify_turn_answers.
 
 Reasoning (SFTConfig.reasoning): "direct" answers as above. "describe" has the model read the pictures before it
 decides, in text: a yes/no answer becomes "<what the picture shows>. Answer: yes" (the asked attribute's value for a
@@ -79,6 +80,7 @@ ASKED_MARKER = "Asked:"  # a describe verification: the caption of the garment t
 CHECK_MARKER = "Check:"  # ... then "<attribute> same|differs" per CHECKED attribute, against Picture 2
 CHECKED = ("category",) + ATTRIBUTES
 SAME, DIFFERS = "same", "differs"
+VERSUS = "vs"  # a two-turn check: "<attribute> <asked value> vs <Picture 2's value> same|differs"
 CAPTION_INSTRUCTION = "Describe the garment."
 ANSWER_END = prompts.IM_END
 EDIT_VARIANTS = 16  # paraphrases of each oracle edit tried for the most minimal rewrite
@@ -217,6 +219,15 @@ def attribute_checks(asked, candidate) -> str:
   return ", ".join(f"{a} {SAME if asked.get(a) == candidate.get(a) else DIFFERS}" for a in CHECKED)
 
 
+def attribute_comparisons(asked, candidate) -> str:
+  """"category dress vs dress same, colour red vs blue differs, ...": attribute_checks with both values written
+  first, so that each same/differs compares the two words just before it. Without them (two turns, demo F) F said
+  "same" for 0.97 of the differing sleeves and lengths of Stage 3's items while it read the values themselves right:
+  it had to look both up across the conversation and compare them in one token."""
+  return ", ".join(f"{a} {asked.get(a)} {VERSUS} {candidate.get(a)} "
+                   f"{SAME if asked.get(a) == candidate.get(a) else DIFFERS}" for a in CHECKED)
+
+
 def verify_summary(oracle: Oracle, reference: str, candidate: str, text: str) -> Optional[str]:
   """A describe-reasoning verification's reading: Picture 1's caption, the caption of the garment the text asks for,
   Picture 2's caption, then the per-attribute checks of the asked garment against Picture 2. The asked caption comes
@@ -239,7 +250,7 @@ def asked_slots(asked) -> str:
 def verify_turn_answers(oracle: Oracle, reference: str, candidate: str, text: str) -> Optional[tuple[str, str]]:
   """A two-turn verification's readings (SFTConfig.verify_turns = 2). Turn 1 sees Picture 1 and the text:
   "Picture 1: <caption>. Asked: <asked_slots>". Turn 2 then sees Picture 2: "Picture 2: <caption>. Check:
-  <attribute_checks>", and decision_answer appends the decision. Picture 2 comes after the asked garment is
+  <attribute_comparisons>", and decision_answer appends the decision. Picture 2 comes after the asked garment is
   written, so that it cannot be copied into it (in one turn a tiny F wrote Picture 2's caption as the asked one and
   said yes to everything); slots rather than a caption make each asked value a local choice (the text's value or
   Picture 1's). The text-only probe at the demo's size (probes/verify_reading.py, format S) agreed with the oracle
@@ -248,7 +259,7 @@ def verify_turn_answers(oracle: Oracle, reference: str, candidate: str, text: st
   asked = asked_garment(oracle, reference, text)
   if asked is None:
     return None
-  checks = attribute_checks(asked, oracle.garment(candidate))
+  checks = attribute_comparisons(asked, oracle.garment(candidate))
   return (f"Picture 1: {oracle.describe(reference)}. {ASKED_MARKER} {asked_slots(asked)}",
           f"Picture 2: {oracle.describe(candidate)}. {CHECK_MARKER} {checks}")
 

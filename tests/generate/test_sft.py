@@ -251,8 +251,8 @@ def test_staged_rewrites_and_task_repeats(fashioniq_train):
 
 def test_two_turn_verification_shows_picture_2_after_the_asked_garment(fashioniq_train):
   """verify_turns = 2: a verify_ask example (Picture 1 + text -> Picture 1's caption and the asked slots) per
-  (query, text), and verify examples that continue exactly that exchange with Picture 2, whose checks and decision
-  agree with the oracle."""
+  (query, text), and verify examples that continue exactly that exchange with Picture 2, whose checks (both values,
+  then same/differs) and decision agree with the oracle."""
   queries, images = fashioniq_train
   oracle = Oracle(images)
   cfg = sft.SFTConfig(lengths=LENGTHS, batch_size=4, reasoning="describe", verify_turns=2)
@@ -277,6 +277,10 @@ def test_two_turn_verification_shows_picture_2_after_the_asked_garment(fashioniq
     reading, decision = e.answer.split(f". {sft.ANSWER_MARKER} ")
     second, checks = reading.split(f". {sft.CHECK_MARKER} ")
     assert second == f"Picture 2: {oracle.describe(e.images[1])}"
+    wanted, seen = oracle_lib.implied(oracle.garment(e.images[0]), text), oracle.garment(e.images[1])
+    assert checks == ", ".join(  # both values, then their comparison
+        f"{a} {wanted.get(a)} vs {seen.get(a)} {'same' if wanted.get(a) == seen.get(a) else 'differs'}"
+        for a in ("category", "colour", "pattern", "sleeves", "length", "neckline"))
     assert decision == ("yes" if oracle.judge(e.images[0], text, e.images[1]) else "no") == (
         "no" if sft.DIFFERS in checks else "yes")
   with pytest.raises(ValueError, match="teach.reasoning"):
