@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from recall_jax.generate import GREEDY, GenerateOutput, Sampler, SamplingConfig
-from recall_jax.generate import sampler as sampler_lib
 from recall_jax.generate.sampling import filter_logits, sample
+from recall_jax.train.compiles import CompileCounter
 from recall_jax.models.qwen2_5_vl import from_pretrained, tiny_config
 from recall_jax.models.qwen2_5_vl.tiny_tokenizer import TINY_TOKEN_IDS, build_tiny_tokenizer
 from tests.models.qwen2_5_vl import reference as ref
@@ -131,17 +131,20 @@ def test_cached_step_logits_equal_full_forward(checkpoint):
 
 
 def test_decode_compiles_once_per_batch_and_bucket(checkpoint):
+  """Counted with jax.monitoring's lowering events (train/compiles.py): prompts in a cache bucket seen before lower
+  nothing; a new bucket lowers its prefill and decode loop again."""
   cfg, _, _, model = checkpoint
   sampler = Sampler(model, eos_ids=[-1], pad_id=PAD, cache_buckets=[16, 32])
-  prefill_start = sampler_lib.jitted_prefill._cache_size()
-  decode_start = sampler_lib.jitted_decode._cache_size()
-  for seed, length in enumerate([5, 9, 16]):  # all in bucket 16
-    batch = ref.make_batch(cfg, [[length], [length - 3]], seed=seed)
-    generate(sampler, batch, max_new_tokens=4)
-  assert sampler_lib.jitted_prefill._cache_size() == prefill_start + 1
-  assert sampler_lib.jitted_decode._cache_size() == decode_start + 1
-  generate(sampler, ref.make_batch(cfg, [[20], [2]]), max_new_tokens=4)  # bucket 32
-  assert sampler_lib.jitted_decode._cache_size() == decode_start + 2
+  with CompileCounter() as counter:
+    def lowered(lengths, seed=0):
+      before = counter.count
+      with counter.counting():
+        generate(sampler, ref.make_batch(cfg, [[n] for n in lengths], seed=seed), max_new_tokens=4)
+      return counter.count - before
+    assert lowered([5, 2]) >= 2  # bucket 16's prefill and decode loop (and once per process, the rng's seeding)
+    assert [lowered([9, 6], seed=1), lowered([16, 13], seed=2)] == [0, 0]  # all in bucket 16
+    assert lowered([20, 2]) == 2  # bucket 32: its prefill and decode loop
+    assert lowered([7, 3], seed=3) == 0
   with pytest.raises(ValueError, match="prompt length 33 exceeds the largest cache bucket 32"):
     generate(sampler, ref.make_batch(cfg, [[33]]), max_new_tokens=4)
 

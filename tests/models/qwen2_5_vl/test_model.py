@@ -11,7 +11,7 @@ import torch
 from flax import nnx
 
 from recall_jax.models.qwen2_5_vl import Qwen25VLModel, from_pretrained, tiny_config
-from recall_jax.models.qwen2_5_vl.model import jitted_forward
+from recall_jax.train.compiles import CompileCounter
 from tests.models.qwen2_5_vl import reference as ref
 
 # Row 0: two images of different sizes (4x6 and 5x3 merged patches); row 1: one image, left padded.
@@ -106,18 +106,24 @@ def test_bf16_matches_reference(untied):
 
 
 def test_jit_compiles_once_per_image_bucket():
+  """Counted with jax.monitoring's lowering events (train/compiles.py): a call with a bucket's shapes seen before
+  lowers nothing, a new bucket lowers its forward once."""
   cfg = tiny_config(text=dict(num_hidden_layers=1), vision=dict(depth=1, fullatt_block_indexes=()))
   model = Qwen25VLModel(cfg, rngs=nnx.Rngs(0))
   bucket_a = [[4, (1, 8, 8), 3], [2, (1, 8, 8), 5]]
   bucket_b = [[4, (1, 8, 12), 3], [2, (1, 8, 12), 5]]
-  start = jitted_forward._cache_size()
-  for seed in range(3):  # same shapes, new tokens / pixels / padding
-    model(**ref.make_batch(cfg, bucket_a, seed=seed))
-  assert jitted_forward._cache_size() == start + 1
-  for seed in range(2):
-    model(**ref.make_batch(cfg, bucket_b, seed=seed))
-  model(**ref.make_batch(cfg, bucket_a, seed=9))
-  assert jitted_forward._cache_size() == start + 2
+  batches = {(name, seed): ref.make_batch(cfg, bucket, seed=seed)
+             for name, bucket in (("a", bucket_a), ("b", bucket_b)) for seed in range(3)}
+  with CompileCounter() as counter:
+    def lowered(name, seed):
+      before = counter.count
+      with counter.counting():
+        model(**batches[name, seed])
+      return counter.count - before
+    assert lowered("a", 0) == 1  # the forward, one program
+    assert [lowered("a", seed) for seed in (1, 2)] == [0, 0]  # same shapes, new tokens / pixels / padding
+    assert lowered("b", 0) == 1  # a new bucket
+    assert [lowered("b", 1), lowered("a", 2)] == [0, 0]
 
 
 def test_prepare_rejects_mismatched_inputs():
